@@ -1,0 +1,236 @@
+"""Launchers for the dense kernels, and the ``hf_fastattn::dense_fwd`` / ``dense_bwd`` custom ops with autograd.
+
+The ops are opaque to ``torch.compile`` (no graph break, no retracing of the kernels), carry fake implementations
+for tracing, and never synchronise with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .._runtime import interpreter_enabled, next_power_of_2, patch_interpreter_bf16_dot
+from .bwd import _bwd_preprocess_kernel, _dense_bwd_dkdv_kernel, _dense_bwd_dq_kernel
+from .fwd import _dense_fwd_kernel
+
+SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+# The interpreter runs one program at a time in NumPy: the smallest tiles tl.dot accepts keep CI fast.
+_INTERPRETER_BLOCK = 16
+if interpreter_enabled():
+    patch_interpreter_bf16_dot()
+
+
+def _fwd_configs():
+    configs = []
+    for block_m, block_n, warps, stages in [
+        (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3),
+    ]:  # fmt: skip
+        configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages))
+    return configs
+
+
+def _prune_by_smem(configs, named_args, **kwargs):
+    """Drop tiles whose operands would not fit in shared memory at large head dims."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    if block_d is None or block_d <= 128:
+        return configs
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
+
+
+def _bwd_configs(pairs):
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs
+    ]
+
+
+_AUTOTUNE_KEY = ["seq_k_bucket", "HEAD_DIM", "CAUSAL", "HAS_KEY_PADDING"]
+_fwd_tuned = triton.autotune(
+    _fwd_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_by_smem}
+)(_dense_fwd_kernel)
+_dkdv_tuned = triton.autotune(
+    _bwd_configs([(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2)]),
+    key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _prune_by_smem},
+)(_dense_bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(
+    _bwd_configs([(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]),
+    key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _prune_by_smem},
+)(_dense_bwd_dq_kernel)
+
+
+def _launch(kernel, tuned, grid, *args, **meta):
+    """Autotuned on a GPU; a fixed small tile in the interpreter."""
+    if interpreter_enabled():
+        blocks = {"BLOCK_M": _INTERPRETER_BLOCK, "BLOCK_N": _INTERPRETER_BLOCK}
+        kernel[grid(blocks)](*args, **meta, **blocks)
+    else:
+        tuned[grid](*args, **meta)
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _key_padding_arg(key_padding: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(pointer tensor, batch stride); a 1-element dummy when there is no padding mask."""
+    if key_padding is None:
+        return like.new_empty(1, dtype=torch.uint8), 0
+    return key_padding, key_padding.stride(0)
+
+
+def dense_fwd(q, k, v, key_padding, causal: bool, scale: float):
+    """Launch the forward kernel; returns ``out`` (same layout as HF's ``(B, S_q, H_q, D)`` buffer) and fp32 LSE."""
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    batch, num_q_heads, seq_q, head_dim = q.shape
+    num_kv_heads, seq_k = k.shape[1], k.shape[2]
+    # Allocated as (B, S_q, H_q, D) so HF's transpose(1, 2).contiguous() afterwards is free.
+    out = torch.empty(batch, seq_q, num_q_heads, head_dim, device=q.device, dtype=q.dtype).transpose(1, 2)
+    lse = torch.empty(batch, num_q_heads, seq_q, device=q.device, dtype=torch.float32)
+    kpad, stride_kpad = _key_padding_arg(key_padding, q)
+
+    def grid(meta):
+        return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * num_q_heads)
+
+    _launch(
+        _dense_fwd_kernel, _fwd_tuned, grid,
+        q, k, v, kpad, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        stride_kpad,
+        num_q_heads, num_q_heads // num_kv_heads, seq_q, seq_k, scale,
+        min(next_power_of_2(seq_k), 1 << 16),
+        HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), CAUSAL=causal, HAS_KEY_PADDING=key_padding is not None,
+    )  # fmt: skip
+    return out, lse
+
+
+def dense_bwd(dout, q, k, v, out, lse, key_padding, causal: bool, scale: float):
+    """Launch the three backward kernels; returns dq, dk, dv in the inputs' dtype."""
+    dout, q, k, v, out = (_unit_last_stride(t) for t in (dout, q, k, v, out))
+    batch, num_q_heads, seq_q, head_dim = q.shape
+    num_kv_heads, seq_k = k.shape[1], k.shape[2]
+    block_d = next_power_of_2(head_dim)
+    kpad, stride_kpad = _key_padding_arg(key_padding, q)
+    seq_k_bucket = min(next_power_of_2(seq_k), 1 << 16)
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_KEY_PADDING=key_padding is not None)
+
+    delta = torch.empty_like(lse)
+    pre_block = _INTERPRETER_BLOCK if interpreter_enabled() else 128
+    _bwd_preprocess_kernel[(triton.cdiv(seq_q, pre_block), batch * num_q_heads)](
+        out, dout, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        num_q_heads, seq_q, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_block,
+    )  # fmt: skip
+
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    _launch(
+        _dense_bwd_dkdv_kernel, _dkdv_tuned, lambda m: (triton.cdiv(seq_k, m["BLOCK_N"]), batch * num_kv_heads),
+        q, k, v, kpad, dout, lse, delta, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        stride_kpad,
+        num_q_heads, num_kv_heads, num_q_heads // num_kv_heads, seq_q, seq_k, scale, seq_k_bucket, **meta,
+    )  # fmt: skip
+    _launch(
+        _dense_bwd_dq_kernel, _dq_tuned, lambda m: (triton.cdiv(seq_q, m["BLOCK_M"]), batch * num_q_heads),
+        q, k, v, kpad, dout, lse, delta, dq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        stride_kpad,
+        num_q_heads, num_q_heads // num_kv_heads, seq_q, seq_k, scale, seq_k_bucket, **meta,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+@torch.library.custom_op("hf_fastattn::dense_fwd", mutates_args=())
+def _dense_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor | None, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return dense_fwd(q, k, v, key_padding, causal, scale)
+
+
+@_dense_fwd_op.register_fake
+def _(q, k, v, key_padding, causal, scale):
+    batch, num_q_heads, seq_q, head_dim = q.shape
+    out = q.new_empty(batch, seq_q, num_q_heads, head_dim).transpose(1, 2)
+    return out, q.new_empty(batch, num_q_heads, seq_q, dtype=torch.float32)
+
+
+@torch.library.custom_op("hf_fastattn::dense_bwd", mutates_args=())
+def _dense_bwd_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return dense_bwd(dout, q, k, v, out, lse, key_padding, causal, scale)
+
+
+@_dense_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, key_padding, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, key_padding = ctx.saved_tensors
+    dq, dk, dv = _dense_bwd_op(dout, q, k, v, out, lse, key_padding, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_dense_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """Dense attention on the Triton kernels, ``(B, H_q, S_q, D)`` in and out; differentiable.
+
+    ``key_padding`` is an optional ``(B, S_kv)`` mask, True/non-zero = attend. ``causal`` is bottom-right aligned.
+    Rows that see no key give zeros (LSE ``-inf``).
+    """
+    if q.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"expected q (B, Hq, Sq, D) and k, v (B, Hkv, Skv, D); got {tuple(q.shape)}, {tuple(k.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if key_padding is not None:
+        if key_padding.shape != (k.shape[0], k.shape[2]):
+            raise ValueError(f"key_padding must be (B, S_kv) = {(k.shape[0], k.shape[2])}, got {tuple(key_padding.shape)}")
+        key_padding = (key_padding if key_padding.dtype == torch.bool else key_padding != 0).contiguous()
+        key_padding = key_padding.view(torch.uint8)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, lse = _dense_fwd_op(q, k, v, key_padding, bool(causal), scale)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,217 @@
+"""FlashAttention-2 style forward kernel: the skeleton every block-sparse kernel in hf_fastattn shares.
+
+Layout is HF's: q ``(B, H_q, S_q, D)``, k/v ``(B, H_kv, S_kv, D)``, any strides with a unit last-dim stride.
+
+The work for one query tile is split into three reusable pieces:
+
+* :func:`attn_fwd_tile` folds one key tile into the running softmax state ``(acc, m_i, l_i)``. Sparse kernels call it
+  for the key tiles they select; the dense kernel calls it for every tile through :func:`attn_fwd_tile_range`.
+* :func:`attn_fwd_key_range` gives the key tiles a query tile may see: the fully visible ones (no element masking) and
+  the tail that needs the causal / sequence-end mask.
+* :func:`attn_fwd_finish` normalises the accumulator and returns the log-sum-exp.
+
+Scores live in log2 units (``qk_scale = scale * log2(e)``) so the exponential is a single ``exp2``. Causality is aligned
+bottom-right: query row ``i`` sees key ``j`` iff ``j <= i + (S_kv - S_q)``. A query row that sees no key returns zeros
+and ``lse = -inf``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def attn_fwd_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    kpad_base,
+    start_n,
+    offs_m,
+    offs_n,
+    offs_d,
+    stride_kn,
+    stride_vn,
+    seq_k,
+    causal_offset,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK_CAUSAL: tl.constexpr,
+    MASK_SEQ_END: tl.constexpr,
+    HAS_KEY_PADDING: tl.constexpr,
+):
+    """Fold key tile ``[start_n, start_n + BLOCK_N)`` into the online-softmax state of one query tile."""
+    cols = start_n + offs_n
+    k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
+    v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
+    if MASK_SEQ_END and BLOCK_D != HEAD_DIM:
+        k = tl.load(k_ptrs, mask=(offs_d[:, None] < HEAD_DIM) & (cols[None, :] < seq_k), other=0.0)
+    elif MASK_SEQ_END:
+        k = tl.load(k_ptrs, mask=cols[None, :] < seq_k, other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    s = tl.dot(q, k)
+
+    if MASK_CAUSAL or MASK_SEQ_END or HAS_KEY_PADDING:
+        keep = cols[None, :] < seq_k
+        if MASK_CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None] + causal_offset)
+        if HAS_KEY_PADDING:
+            kpad = tl.load(kpad_base + cols, mask=cols < seq_k, other=0)
+            keep = keep & (kpad[None, :] != 0)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        # Rows with nothing visible yet keep m = -inf; shift them by 0 so exp2 yields 0 rather than NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_shift = m_new
+    p = tl.math.exp2(s * qk_scale - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+
+    if MASK_SEQ_END and BLOCK_D != HEAD_DIM:
+        v = tl.load(v_ptrs, mask=(cols[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    elif MASK_SEQ_END:
+        v = tl.load(v_ptrs, mask=cols[:, None] < seq_k, other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def attn_fwd_tile_range(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    kpad_base,
+    lo,
+    hi,
+    offs_m,
+    offs_n,
+    offs_d,
+    stride_kn,
+    stride_vn,
+    seq_k,
+    causal_offset,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK_CAUSAL: tl.constexpr,
+    MASK_SEQ_END: tl.constexpr,
+    HAS_KEY_PADDING: tl.constexpr,
+):
+    """Every key tile in ``[lo, hi)`` (multiples of ``BLOCK_N``), in order."""
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        acc, m_i, l_i = attn_fwd_tile(
+            acc, m_i, l_i, q, k_base, v_base, kpad_base, start_n, offs_m, offs_n, offs_d,
+            stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
+            HEAD_DIM, BLOCK_D, MASK_CAUSAL, MASK_SEQ_END, HAS_KEY_PADDING,
+        )  # fmt: skip
+    return acc, m_i, l_i
+
+
+@triton.jit
+def attn_fwd_key_range(start_m, seq_k, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Key tiles a query tile starting at ``start_m`` visits: ``[0, full_hi)`` need no element mask, ``[full_hi, hi)`` do."""
+    if CAUSAL:
+        # The last row of the tile sees keys <= start_m + BLOCK_M - 1 + offset; the first row sees <= start_m + offset.
+        hi = tl.minimum(seq_k, start_m + BLOCK_M + causal_offset)
+        full_hi = tl.minimum(seq_k, start_m + causal_offset + 1)
+    else:
+        hi = seq_k
+        full_hi = seq_k
+    hi = tl.maximum(hi, 0)
+    full_hi = tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
+    return full_hi, hi
+
+
+@triton.jit
+def attn_fwd_finish(acc, m_i, l_i):
+    """Normalise the accumulator; returns the output tile (fp32) and the natural-log LSE (``-inf`` for empty rows)."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
+    return out, lse
+
+
+@triton.jit
+def _dense_fwd_kernel(
+    Q, K, V, KPAD, Out, LSE,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_kpad_b,
+    num_q_heads, group_size, seq_q, seq_k, scale,
+    seq_k_bucket,  # autotune key only
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KEY_PADDING: tl.constexpr,
+):  # fmt: skip
+    # Heavy (late) query tiles first, so causal work is balanced across the tail of the grid.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    batch = bh // num_q_heads
+    q_head = bh % num_q_heads
+    kv_head = q_head // group_size
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = Q + batch * stride_qb + q_head * stride_qh
+    k_base = K + batch * stride_kb + kv_head * stride_kh
+    v_base = V + batch * stride_vb + kv_head * stride_vh
+    kpad_base = KPAD + batch * stride_kpad_b
+
+    row_mask = offs_m < seq_q
+    if BLOCK_D != HEAD_DIM:
+        q_mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    else:
+        q_mask = row_mask[:, None]
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+
+    qk_scale = scale * 1.4426950408889634
+    causal_offset = seq_k - seq_q
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    full_hi, hi = attn_fwd_key_range(start_m, seq_k, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
+    acc, m_i, l_i = attn_fwd_tile_range(
+        acc, m_i, l_i, q, k_base, v_base, kpad_base, 0, full_hi, offs_m, offs_n, offs_d,
+        stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
+        HEAD_DIM, BLOCK_N, BLOCK_D, False, False, HAS_KEY_PADDING,
+    )  # fmt: skip
+    acc, m_i, l_i = attn_fwd_tile_range(
+        acc, m_i, l_i, q, k_base, v_base, kpad_base, full_hi, hi, offs_m, offs_n, offs_d,
+        stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
+        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, HAS_KEY_PADDING,
+    )  # fmt: skip
+
+    out, lse = attn_fwd_finish(acc, m_i, l_i)
+    o_ptrs = Out + batch * stride_ob + q_head * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
+    tl.store(LSE + bh * seq_q + offs_m, lse, mask=row_mask)

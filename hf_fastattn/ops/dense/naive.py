@@ -1,0 +1,74 @@
+"""Plain-PyTorch reference for dense attention: the same function as the Triton kernel, chunked over query rows.
+
+Semantics shared with the kernel: GQA by broadcasting (K/V are never repeated), bottom-right causal alignment
+(query ``i`` sees key ``j`` iff ``j <= i + S_kv - S_q``), an optional ``(B, S_kv)`` key-padding mask (True = keep), and
+rows that see no key return zeros with ``lse = -inf``. Differentiable through autograd, without NaN on empty rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Score elements materialised per chunk (fp32): 2^26 elements = 256 MiB.
+_CHUNK_ELEMENTS = 1 << 26
+
+
+def visible_keys(
+    rows: torch.Tensor, seq_q: int, seq_k: int, causal: bool, key_padding: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Bool ``(B or 1, 1, 1, len(rows), S_kv)`` mask of the keys each query row sees, or None if it sees all of them."""
+    keep = None
+    if causal:
+        cols = torch.arange(seq_k, device=rows.device)
+        keep = (cols[None, :] <= rows[:, None] + (seq_k - seq_q))[None, None, None]
+    if key_padding is not None:
+        pad = key_padding.bool()[:, None, None, None, :]
+        keep = pad if keep is None else keep & pad
+    return keep
+
+
+def dense_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
+    return_lse: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention in ``compute_dtype`` (fp32 by default), returned in ``q.dtype``; LSE (natural log) in fp32."""
+    batch, num_q_heads, seq_q, head_dim = q.shape
+    num_kv_heads, seq_k = k.shape[1], k.shape[2]
+    group = num_q_heads // num_kv_heads
+    scale = head_dim**-0.5 if scale is None else scale
+
+    q5 = q.to(compute_dtype).reshape(batch, num_kv_heads, group, seq_q, head_dim)
+    k4 = k.to(compute_dtype)[:, :, None]
+    v4 = v.to(compute_dtype)[:, :, None]
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * num_q_heads * seq_k))
+
+    outs, lses = [], []
+    for start in range(0, seq_q, rows_per_chunk):
+        rows = torch.arange(start, min(start + rows_per_chunk, seq_q), device=q.device)
+        scores = torch.matmul(q5[:, :, :, start : start + len(rows)], k4.transpose(-1, -2)) * scale
+        keep = visible_keys(rows, seq_q, seq_k, causal, key_padding)
+        if keep is None:
+            lse = torch.logsumexp(scores, dim=-1)
+            probs = torch.exp(scores - lse[..., None])
+        else:
+            keep = keep.expand_as(scores)
+            empty = ~keep.any(dim=-1)
+            # Empty rows get finite scores for the LSE, then zero probabilities: no NaN in values or gradients.
+            scores = scores.masked_fill(~keep, float("-inf")).masked_fill(empty[..., None], 0.0)
+            lse = torch.logsumexp(scores, dim=-1)
+            probs = torch.exp(scores - lse[..., None]).masked_fill(~keep, 0.0)
+            lse = lse.masked_fill(empty, float("-inf"))
+        outs.append(torch.matmul(probs, v4))
+        lses.append(lse)
+
+    out = torch.cat(outs, dim=3).reshape(batch, num_q_heads, seq_q, head_dim).to(q.dtype)
+    if not return_lse:
+        return out
+    return out, torch.cat(lses, dim=3).reshape(batch, num_q_heads, seq_q).float()
