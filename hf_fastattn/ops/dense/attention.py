@@ -13,7 +13,7 @@ from .._runtime import interpreter_enabled, next_power_of_2, patch_interpreter_b
 from .bwd import _bwd_preprocess_kernel, _dense_bwd_dkdv_kernel, _dense_bwd_dq_kernel
 from .fwd import _dense_fwd_kernel
 
-SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 # The interpreter runs one program at a time in NumPy: the smallest tiles tl.dot accepts keep CI fast.
 _INTERPRETER_BLOCK = 16

@@ -1,0 +1,97 @@
+"""What a method can do, declared once per method, and the reason a call falls outside it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+# Mask kinds as the attention function receives them (see hf_fastattn.masks.classify_mask).
+MASK_NONE = "none"
+MASK_KEY_PADDING = "key_padding"
+MASK_BOOL_4D = "bool_4d"
+MASK_ADDITIVE_4D = "additive_4d"
+MASK_BLOCK_MASK = "block_mask"
+MASK_OTHER = "other"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Inputs a method's kernel computes exactly; anything else goes to the method's fallback.
+
+    ``dtypes`` apply to CUDA tensors. On the CPU (Triton interpreter or the PyTorch reference) every floating dtype
+    is accepted, because both compute in the input precision or higher.
+    """
+
+    causal: bool = True
+    bidirectional: bool = True
+    gqa: bool = True
+    backward: bool = True
+    decode: bool = True
+    dropout: bool = False
+    head_dims: tuple[int, ...] = (16, 32, 64, 80, 96, 128, 256)
+    dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
+    masks: tuple[str, ...] = (MASK_NONE, MASK_KEY_PADDING)
+
+    def refusal(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        *,
+        causal: bool,
+        mask_kind: str,
+        dropout: float,
+        needs_grad: bool,
+    ) -> str | None:
+        """The first reason this call is outside the declared capabilities, or None if the kernel can take it."""
+        if mask_kind not in self.masks:
+            return f"attention mask of kind '{mask_kind}'"
+        if dropout > 0.0 and not self.dropout:
+            return f"attention dropout {dropout:g} while training"
+        if query.shape[-1] not in self.head_dims:
+            return f"head dim {query.shape[-1]} (supported: {list(self.head_dims)})"
+        if query.device.type == "cuda" and query.dtype not in self.dtypes:
+            return f"dtype {query.dtype} on GPU (supported: {[str(d) for d in self.dtypes]})"
+        if causal and not self.causal:
+            return "causal attention"
+        if not causal and not self.bidirectional:
+            return "bidirectional attention"
+        if query.shape[1] != key.shape[1] and not self.gqa:
+            return "grouped-query attention"
+        if needs_grad and not self.backward:
+            return "backward pass"
+        return None
+
+    def describe(self) -> dict:
+        return {
+            "causal": self.causal,
+            "bidirectional": self.bidirectional,
+            "gqa": self.gqa,
+            "backward": self.backward,
+            "decode": self.decode,
+            "dropout": self.dropout,
+            "head_dims": list(self.head_dims),
+            "dtypes": [str(d).removeprefix("torch.") for d in self.dtypes],
+            "masks": list(self.masks),
+        }
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its kernel call, its CPU reference, capabilities and fallback.
+
+    ``kernel`` and ``reference`` take ``(query, key, value, *, causal, scale, key_padding, state)`` in HF's
+    ``(B, H, S, D)`` layout and return the output in the same layout.
+    """
+
+    name: str
+    description: str
+    kernel: Callable[..., torch.Tensor]
+    reference: Callable[..., torch.Tensor]
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    fallback: str = "sdpa"
+
+    @property
+    def registered_name(self) -> str:
+        return f"fastattn_{self.name}"

@@ -1,0 +1,75 @@
+"""The mask builder registered for every hf_fastattn method, and the classifier for what the attention function gets.
+
+transformers calls a method's mask builder (``AttentionMaskInterface``) once per forward. For the plain patterns our
+kernels handle natively (causal aligned bottom-right, or bidirectional, each with optional padding) the builder returns
+the ``(B, S_kv)`` key-padding mask, or ``None`` without padding, so nothing ``S_q x S_kv``-sized is materialised.
+Anything else (sliding windows, packed sequences, custom ``or``/``and`` mask functions, a static cache whose queries
+are not aligned with the end of the keys) is materialised as SDPA's 4-D boolean mask, which the kernels decline and
+route to the fallback: never silently dropped.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
+
+from .capabilities import (
+    MASK_ADDITIVE_4D,
+    MASK_BLOCK_MASK,
+    MASK_BOOL_4D,
+    MASK_KEY_PADDING,
+    MASK_NONE,
+    MASK_OTHER,
+)
+
+
+def fastattn_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """Mask builder with transformers' ``AttentionMaskInterface`` signature."""
+    causal_bottom_right = mask_function is causal_mask_function and q_offset + q_length == kv_offset + kv_length
+    if causal_bottom_right or mask_function is bidirectional_mask_function:
+        if attention_mask is None:
+            return None
+        return _key_padding(attention_mask, kv_length, kv_offset)
+    kwargs["allow_is_causal_skip"] = False
+    kwargs.pop("allow_is_bidirectional_skip", None)  # defaults to False: always materialise
+    return sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=attention_mask,
+        **kwargs,
+    )
+
+
+def _key_padding(attention_mask: torch.Tensor, kv_length: int, kv_offset: int) -> torch.Tensor:
+    """The ``(B, kv_length)`` bool slice of a 2-D padding mask covering keys ``[kv_offset, kv_offset + kv_length)``."""
+    mask = attention_mask.bool()
+    missing = kv_offset + kv_length - mask.shape[-1]
+    if missing > 0:  # a cache longer than the mask: positions past the mask are not attended
+        mask = torch.nn.functional.pad(mask, (0, missing), value=False)
+    return mask[:, kv_offset : kv_offset + kv_length]
+
+
+def classify_mask(attention_mask, batch_size: int, kv_length: int) -> str:
+    """Which kind of mask the attention function received (the kinds listed in hf_fastattn.capabilities)."""
+    if attention_mask is None:
+        return MASK_NONE
+    if not isinstance(attention_mask, torch.Tensor):
+        return MASK_BLOCK_MASK if type(attention_mask).__name__ == "BlockMask" else MASK_OTHER
+    if attention_mask.dim() == 2 and attention_mask.shape == (batch_size, kv_length):
+        return MASK_KEY_PADDING
+    if attention_mask.dim() == 4:
+        return MASK_BOOL_4D if attention_mask.dtype == torch.bool else MASK_ADDITIVE_4D
+    return MASK_OTHER

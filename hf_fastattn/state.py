@@ -1,0 +1,47 @@
+"""Per-layer state that :func:`hf_fastattn.patch` attaches to every attention module.
+
+The state is an ``nn.Module`` child of the attention module, so its tensors follow ``model.to(...)``. Method tensors
+(calibrated thresholds, gates) are registered here: thresholds as non-persistent buffers (kept out of the model's
+``state_dict``), trainable gates as parameters of a submodule. :mod:`hf_fastattn.artifacts` saves and loads them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .capabilities import MethodSpec
+
+STATE_ATTRIBUTE = "fastattn_state"
+
+
+class LayerState(nn.Module):
+    """Method, configuration and tensors of one attention layer.
+
+    ``layer_index`` is hf_fastattn's own, stable index: the attention module's position in ``model.modules()``
+    order. ViT, DINOv2 and BERT-style encoders carry no usable ``layer_idx``, so we never rely on theirs.
+    ``spec`` is None for a layer explicitly left on transformers' SDPA.
+    """
+
+    def __init__(self, layer_index: int, spec: MethodSpec | None, config: dict | None = None):
+        super().__init__()
+        self.layer_index = layer_index
+        self.spec = spec
+        self.config = dict(config or {})
+
+    @property
+    def method(self) -> str:
+        return self.spec.name if self.spec is not None else "sdpa"
+
+    def set_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        """Attach (or replace) a non-persistent buffer that moves with the model and is saved in artifacts."""
+        self.register_buffer(name, tensor, persistent=False)
+
+    def artifact_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of this layer's state (buffers and parameters), by dotted name."""
+        tensors = {name: buf for name, buf in self.named_buffers()}
+        tensors.update({name: param.detach() for name, param in self.named_parameters()})
+        return tensors
+
+    def extra_repr(self) -> str:
+        return f"layer_index={self.layer_index}, method={self.method!r}, config={self.config}"
