@@ -34,9 +34,10 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import hf_fastattn  # noqa: E402
-from hf_fastattn.ops.dense import dense_attention  # noqa: E402
+import hf_fastattn
+from hf_fastattn.ops.dense import dense_attention
 
+DEVICE = "cuda"
 TOKENS_PER_BATCH = 16384
 HEADS = 32  # query and key/value heads alike (no GQA)
 HEAD_DIMS = (64, 128)
@@ -117,7 +118,7 @@ def make_flex(shape: Shape) -> Attention:
     block_mask = None
     if shape.causal:
         block_mask = create_block_mask(
-            causal_mask, B=None, H=None, Q_LEN=shape.seqlen, KV_LEN=shape.seqlen, device="cuda"
+            causal_mask, B=None, H=None, Q_LEN=shape.seqlen, KV_LEN=shape.seqlen, device=DEVICE
         )
     return lambda q, k, v: compiled_flex(q, k, v, block_mask=block_mask)
 
@@ -153,7 +154,7 @@ class Inputs:
 def make_inputs(shape: Shape, requires_grad: bool) -> Inputs:
     def randn():
         size = (shape.batch, HEADS, shape.seqlen, shape.head_dim)
-        return torch.randn(size, device="cuda", dtype=shape.dtype, requires_grad=requires_grad)
+        return torch.randn(size, device=DEVICE, dtype=shape.dtype, requires_grad=requires_grad)
 
     q, k, v = randn(), randn(), randn()
     return Inputs(q, k, v, dout=torch.randn_like(q))
@@ -172,7 +173,7 @@ def describe_error(exc: BaseException) -> str:
 def guarded(measure: Callable[[], dict]) -> dict:
     try:
         return measure()
-    except Exception as exc:  # unsupported shape, OOM, compile error: record it and move on
+    except Exception as exc:  # noqa: BLE001 - unsupported shape, OOM, compile error: record it and move on
         torch.cuda.empty_cache()
         return {"error": describe_error(exc)}
 
@@ -253,7 +254,7 @@ def build_providers(shape: Shape, names: list[str]) -> dict[str, Attention | dic
     for name in names:
         try:
             built[name] = PROVIDERS[name](shape)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - e.g. a block mask that does not fit
             built[name] = {"error": describe_error(exc)}
     return built
 
@@ -268,39 +269,43 @@ def benchmark_shape(shape: Shape, args, report: dict) -> None:
     if check:
         print(f"   spot check vs sdpa: {format_check(check)}", flush=True)
     providers = build_providers(shape, args.providers)
-    memory_providers = [name for name in MEMORY_PROVIDERS if name in args.providers]
-
     for mode in args.modes:
-        inputs = make_inputs(shape, requires_grad=mode == "fwd_bwd")
-        flops = shape.flops(mode)
-        timings = {}
-        for name, built in providers.items():
-            timings[name] = run_or_report(built, lambda attend: time_step(attend, inputs, mode, flops))
-            print(f"   {mode:<8} {name:<15} {format_timing(timings[name])}", flush=True)
-        speedups = ratios(timings, "ms", BASELINES, ours_over_baseline=False)
-        report["rows"].append(
-            {**shape.fields(), "mode": mode, "tflop": flops / 1e12, "spot_check": check, "providers": timings,
-             "speedup_vs": speedups}
-        )  # fmt: skip
+        benchmark_mode(shape, mode, providers, check, args, report)
+        torch.cuda.empty_cache()  # the mode's inputs are gone; hand their memory back before the next allocation
 
-        if measures_memory(shape, args) and memory_providers:
-            peaks = {
-                name: run_or_report(providers[name], lambda attend: peak_memory(attend, inputs, mode))
-                for name in memory_providers
-            }
-            print(f"   {mode:<8} peak memory MiB: {peaks}", flush=True)
-            report["memory"].append(
-                {**shape.fields(), "mode": mode, "providers": peaks,
-                 "ratio_ours_vs": ratios(peaks, "peak_mib", MEMORY_BASELINES, ours_over_baseline=True)}
-            )  # fmt: skip
-        del inputs
-        torch.cuda.empty_cache()
+
+def benchmark_mode(shape: Shape, mode: str, providers: dict, check: dict, args, report: dict) -> None:
+    inputs = make_inputs(shape, requires_grad=mode == "fwd_bwd")
+    flops = shape.flops(mode)
+    timings = {}
+    for name, built in providers.items():
+        timings[name] = run_or_report(built, functools.partial(time_step, inputs=inputs, mode=mode, flops=flops))
+        print(f"   {mode:<8} {name:<15} {format_timing(timings[name])}", flush=True)
+    report["rows"].append(
+        {**shape.fields(), "mode": mode, "tflop": flops / 1e12, "spot_check": check, "providers": timings,
+         "speedup_vs": ratios(timings, "ms", BASELINES, ours_over_baseline=False)}
+    )  # fmt: skip
+
+    memory_providers = [name for name in MEMORY_PROVIDERS if name in providers]
+    if not (measures_memory(shape, args) and memory_providers):
+        return
+    measure = functools.partial(peak_memory, inputs=inputs, mode=mode)
+    peaks = {name: run_or_report(providers[name], measure) for name in memory_providers}
+    print(f"   {mode:<8} peak memory: " + ", ".join(f"{n} {format_peak(r)}" for n, r in peaks.items()), flush=True)
+    report["memory"].append(
+        {**shape.fields(), "mode": mode, "providers": peaks,
+         "ratio_ours_vs": ratios(peaks, "peak_mib", MEMORY_BASELINES, ours_over_baseline=True)}
+    )  # fmt: skip
 
 
 def format_check(check: dict) -> str:
     if "error" in check:
         return f"error: {check['error'][:160]}"
     return f"max abs err {check['max_abs_err']:.4f}" + ("" if check["err_ok"] else " FLAGGED")
+
+
+def format_peak(result: dict) -> str:
+    return "error" if "error" in result else f"{result['peak_mib']:.1f} MiB"
 
 
 def format_timing(result: dict) -> str:
@@ -411,9 +416,12 @@ def render_markdown(report: dict) -> str:
     lines += [f"- source run: `{source['command']}` ({source['date_utc']})" for source in meta.get("sources", [])]
     lines += [
         "",
-        f"B x N = {TOKENS_PER_BATCH} tokens (B = 1 at N = 32768), H = H_kv = {HEADS}. FLOPs = 4·B·H·N²·D, "
-        f"halved when causal, x{BWD_FLOP_FACTOR} for fwd_bwd. ms is the median of do_bench; speed-up = baseline ms "
-        "/ fastattn_dense ms (> 1: ours is faster). max err = max |ours - sdpa| of one forward.",
+        (
+            f"B x N = {meta['tokens_per_batch']} tokens (B = 1 beyond), H = H_kv = {meta['heads']}. "
+            f"FLOPs = 4·B·H·N²·D, halved when causal, x{BWD_FLOP_FACTOR} for fwd_bwd. ms is the median of do_bench; "
+            "speed-up = baseline ms / fastattn_dense ms (> 1: ours is faster). "
+            "max err = max |ours - sdpa| of one forward."
+        ),
         "",
         "## Time",
         "",
@@ -437,16 +445,20 @@ def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
     return json_path, md_path
 
 
+MERGE_MUST_MATCH = ("gpu", "dtype", "torch", "triton", "cuda", "tokens_per_batch", "heads")
+
+
 def row_key(row: dict) -> tuple:
     return tuple(row[field] for field in ("head_dim", "seqlen", "causal", "mode", "dtype"))
 
 
 def merge_reports(paths: list[Path]) -> dict:
-    """One report from several runs of the same GPU; a later file's row replaces an earlier one for the same key."""
+    """One report from several runs of one set-up; a later file's row replaces an earlier one with the same key."""
     reports = [json.loads(path.read_text()) for path in paths]
-    gpus = {report["metadata"]["gpu"] for report in reports}
-    if len(gpus) != 1:
-        raise SystemExit(f"refusing to merge runs from different GPUs: {sorted(gpus)}")
+    for field in MERGE_MUST_MATCH:
+        values = {str(report["metadata"][field]) for report in reports}
+        if len(values) != 1:
+            raise SystemExit(f"refusing to merge runs with different {field}: {sorted(values)}")
     rows, memory = {}, {}
     for report in reports:
         rows.update((row_key(row), row) for row in report["rows"])
