@@ -17,6 +17,11 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def autotune_enabled() -> bool:
+    """Kernels autotune their tiles on first use per shape bucket unless ``HF_FASTATTN_AUTOTUNE=0``."""
+    return os.environ.get("HF_FASTATTN_AUTOTUNE", "1") != "0"
+
+
 @functools.lru_cache(maxsize=None)
 def triton_importable() -> bool:
     try:

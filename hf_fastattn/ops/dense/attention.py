@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .._runtime import interpreter_enabled, next_power_of_2, patch_interpreter_bf16_dot
+from .._runtime import autotune_enabled, interpreter_enabled, next_power_of_2, patch_interpreter_bf16_dot
 from .bwd import _bwd_preprocess_kernel, _dense_bwd_dkdv_kernel, _dense_bwd_dq_kernel
 from .fwd import _dense_fwd_kernel
 
@@ -21,52 +21,45 @@ if interpreter_enabled():
     patch_interpreter_bf16_dot()
 
 
-def _fwd_configs():
-    configs = []
-    # Winners on an H100 (bf16, d64/d128, N 4k-16k) plus a small tile for large head dims and short sequences.
-    for block_m, block_n, warps, stages in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)]:
-        configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages))
-    return configs
-
-
-def _prune_by_smem(configs, named_args, **kwargs):
-    """Drop tiles whose operands would not fit in shared memory at large head dims."""
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    if block_d is None or block_d <= 128:
-        return configs
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
-
-
-def _bwd_configs(pairs):
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs
-    ]
-
-
+# Tiles as (BLOCK_M, BLOCK_N, num_warps, num_stages): the measured H100 winners (bf16, d64/d128, N 1k-32k) plus
+# smaller ones for short sequences and head dim 256. The first is the default when autotuning is off.
+_FWD_TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)]
+_DKDV_TILES = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2)]
+_DQ_TILES = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
+_LARGE_HEAD_DIM_MAX_TILE = 64 * 64  # BLOCK_M * BLOCK_N that still fits shared memory at head dim 256
 _AUTOTUNE_KEY = ["seq_k_bucket", "HEAD_DIM", "CAUSAL", "HAS_KEY_PADDING"]
-_fwd_tuned = triton.autotune(
-    _fwd_configs(), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_by_smem}
-)(_dense_fwd_kernel)
-_dkdv_tuned = triton.autotune(
-    _bwd_configs([(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2)]),
-    key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _prune_by_smem},
-)(_dense_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(
-    _bwd_configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]),
-    key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _prune_by_smem},
-)(_dense_bwd_dq_kernel)
 
 
-def _launch(kernel, tuned, grid, *args, **meta):
-    """Autotuned on a GPU; a fixed small tile in the interpreter."""
+def _tiles_for(tiles, block_d: int):
+    return tiles if block_d <= 128 else [t for t in tiles if t[0] * t[1] <= _LARGE_HEAD_DIM_MAX_TILE]
+
+
+def _autotuned(kernel, tiles):
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+
+    def prune(configs, named_args, **kwargs):
+        allowed = _tiles_for(tiles, kwargs.get("BLOCK_D", named_args.get("BLOCK_D")))
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+
+    return triton.autotune(configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+_fwd_tuned = _autotuned(_dense_fwd_kernel, _FWD_TILES)
+_dkdv_tuned = _autotuned(_dense_bwd_dkdv_kernel, _DKDV_TILES)
+_dq_tuned = _autotuned(_dense_bwd_dq_kernel, _DQ_TILES)
+
+
+def _launch(kernel, tuned, tiles, grid, *args, **meta):
+    """Autotuned on a GPU (unless HF_FASTATTN_AUTOTUNE=0: the first fitting tile); the smallest tile when interpreted."""
     if interpreter_enabled():
         blocks = {"BLOCK_M": _INTERPRETER_BLOCK, "BLOCK_N": _INTERPRETER_BLOCK}
         kernel[grid(blocks)](*args, **meta, **blocks)
-    else:
+    elif autotune_enabled():
         tuned[grid](*args, **meta)
+    else:
+        block_m, block_n, warps, stages = _tiles_for(tiles, meta["BLOCK_D"])[0]
+        blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+        kernel[grid(blocks)](*args, **meta, **blocks, num_warps=warps, num_stages=stages)
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -94,7 +87,7 @@ def dense_fwd(q, k, v, key_padding, causal: bool, scale: float):
         return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * num_q_heads)
 
     _launch(
-        _dense_fwd_kernel, _fwd_tuned, grid,
+        _dense_fwd_kernel, _fwd_tuned, _FWD_TILES, grid,
         q, k, v, kpad, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -131,7 +124,7 @@ def dense_bwd(dout, q, k, v, out, lse, key_padding, causal: bool, scale: float):
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     _launch(
-        _dense_bwd_dkdv_kernel, _dkdv_tuned, lambda m: (triton.cdiv(seq_k, m["BLOCK_N"]), batch * num_kv_heads),
+        _dense_bwd_dkdv_kernel, _dkdv_tuned, _DKDV_TILES, lambda m: (triton.cdiv(seq_k, m["BLOCK_N"]), batch * num_kv_heads),
         q, k, v, kpad, dout, lse, delta, dk, dv,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -143,7 +136,7 @@ def dense_bwd(dout, q, k, v, out, lse, key_padding, causal: bool, scale: float):
         num_q_heads, num_kv_heads, num_q_heads // num_kv_heads, seq_q, seq_k, scale, seq_k_bucket, **meta,
     )  # fmt: skip
     _launch(
-        _dense_bwd_dq_kernel, _dq_tuned, lambda m: (triton.cdiv(seq_q, m["BLOCK_M"]), batch * num_q_heads),
+        _dense_bwd_dq_kernel, _dq_tuned, _DQ_TILES, lambda m: (triton.cdiv(seq_q, m["BLOCK_M"]), batch * num_q_heads),
         q, k, v, kpad, dout, lse, delta, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
