@@ -1,0 +1,99 @@
+"""GPU model-level checks at realistic shapes: a SmolLM2-shaped Llama (9 query / 3 KV heads, head dim 64) in bf16.
+
+Tolerance follows flash-attention's rule at model level: the patched bf16 model's error against an fp32 eager model is
+at most twice the error of eager itself in bf16 (plus a small floor for positions where eager happens to be exact).
+"""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+
+import hf_fastattn  # noqa: F401  (registers fastattn_dense)
+
+pytestmark = pytest.mark.gpu
+
+SMOLLM2_SHAPED = LlamaConfig(
+    vocab_size=1024,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=4,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+)
+
+
+def build(implementation: str, dtype: torch.dtype, state_dict=None):
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(SMOLLM2_SHAPED), attn_implementation=implementation)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    model = model.to("cuda", dtype).eval()
+    assert model.config._attn_implementation == implementation
+    return model
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    reference = build("eager", torch.float32)
+    weights = reference.state_dict()
+    return {
+        "fp32_eager": reference,
+        "bf16_eager": build("eager", torch.bfloat16, weights),
+        "bf16_fastattn": build("fastattn_dense", torch.bfloat16, weights),
+    }
+
+
+def left_padded_batch(length: int, pads=(0, 37, 300)):
+    ids = torch.randint(0, SMOLLM2_SHAPED.vocab_size, (len(pads), length), device="cuda")
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("length", [1000, 2049])
+def test_bf16_logits_within_twice_eager_error(models, length):
+    ids, mask = left_padded_batch(length)
+    valid = mask.bool()
+    with torch.no_grad():
+        reference = models["fp32_eager"](ids, attention_mask=mask).logits[valid]
+        eager = models["bf16_eager"](ids, attention_mask=mask).logits[valid].float()
+        ours = models["bf16_fastattn"](ids, attention_mask=mask).logits[valid].float()
+    ours_error = (ours - reference).abs().max().item()
+    eager_error = (eager - reference).abs().max().item()
+    assert ours_error <= 2 * eager_error + 1e-3, (ours_error, eager_error)
+
+
+def test_bf16_gradients_within_twice_eager_error(models):
+    ids, mask = left_padded_batch(513)
+    labels = ids.masked_fill(mask == 0, -100)
+    grads = {}
+    for name in ("fp32_eager", "bf16_eager", "bf16_fastattn"):
+        model = models[name]
+        model.zero_grad(set_to_none=True)
+        model(ids, attention_mask=mask, labels=labels).loss.backward()
+        grads[name] = {n: p.grad.float() for n, p in model.named_parameters() if "self_attn" in n}
+        model.zero_grad(set_to_none=True)
+    for name, reference in grads["fp32_eager"].items():
+        eager_error = (grads["bf16_eager"][name] - reference).abs().max().item()
+        ours_error = (grads["bf16_fastattn"][name] - reference).abs().max().item()
+        assert ours_error <= 2 * eager_error + 1e-6 * reference.abs().max().item(), (name, ours_error, eager_error)
+
+
+def test_cached_decode_matches_full_forward(models):
+    """Token-by-token decode with a DynamicCache and left padding equals the uncached forward over the same prefix."""
+    model = models["bf16_fastattn"]
+    ids, mask = left_padded_batch(1030, pads=(0, 5, 211))
+    prompt, steps = 1024, 6
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        out = model(ids[:, :prompt], attention_mask=mask[:, :prompt], past_key_values=cache, use_cache=True)
+        for step in range(steps):
+            end = prompt + step + 1
+            out = model(ids[:, end - 1 : end], attention_mask=mask[:, :end], past_key_values=out.past_key_values)
+            full = model(ids[:, :end], attention_mask=mask[:, :end]).logits[:, -1]
+            torch.testing.assert_close(out.logits[:, -1].float(), full.float(), atol=3e-2, rtol=3e-2)
