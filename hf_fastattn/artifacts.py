@@ -129,6 +129,10 @@ def load_state(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 )
             with torch.no_grad():
                 existing[tensor_name].copy_(tensor)
+        elif "." in tensor_name:
+            raise ArtifactError(
+                f"{name} belongs to a submodule that fastattn_{state.method} does not create for layer {index}"
+            )
         else:
             state.set_tensor(tensor_name, tensor.to(device))
     return model

@@ -43,8 +43,11 @@ class Capabilities:
         mask_kind: str,
         dropout: float,
         needs_grad: bool,
+        scale: float,
     ) -> str | None:
         """The first reason this call is outside the declared capabilities, or None if the kernel can take it."""
+        if not scale > 0.0:
+            return f"softmax scale {scale:g} (kernels need a positive scale)"
         if mask_kind not in self.masks:
             return f"attention mask of kind '{mask_kind}'"
         if dropout > 0.0 and not self.dropout:

@@ -78,7 +78,7 @@ def dispatch_attention(
     mask_kind = classify_mask(attention_mask, query.shape[0], key.shape[2])
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     reason = spec.capabilities.refusal(
-        query, key, causal=causal, mask_kind=mask_kind, dropout=dropout, needs_grad=needs_grad
+        query, key, causal=causal, mask_kind=mask_kind, dropout=dropout, needs_grad=needs_grad, scale=scale
     )
     if reason is not None:
         warn_once(spec.name, reason, f"falling back to {spec.fallback}")

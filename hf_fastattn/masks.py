@@ -34,7 +34,12 @@ def fastattn_mask(
     **kwargs,
 ) -> torch.Tensor | None:
     """Mask builder with transformers' ``AttentionMaskInterface`` signature."""
-    causal_bottom_right = mask_function is causal_mask_function and q_offset + q_length == kv_offset + kv_length
+    # Offsets given as tensors (StaticCache) would need a host sync to compare; such caches hold unfilled slots past
+    # the queries anyway, so they take the materialised mask.
+    static_offsets = isinstance(q_offset, int) and isinstance(kv_offset, int)
+    causal_bottom_right = (
+        mask_function is causal_mask_function and static_offsets and q_offset + q_length == kv_offset + kv_length
+    )
     if causal_bottom_right or mask_function is bidirectional_mask_function:
         if attention_mask is None:
             return None

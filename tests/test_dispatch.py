@@ -144,7 +144,7 @@ def test_fp32_on_gpu_is_refused():
     def fake(device, dtype):
         return types.SimpleNamespace(shape=(1, 2, 8, 64), dtype=dtype, device=torch.device(device))
 
-    kw = {"causal": True, "mask_kind": MASK_NONE, "dropout": 0.0, "needs_grad": False}
+    kw = {"causal": True, "mask_kind": MASK_NONE, "dropout": 0.0, "needs_grad": False, "scale": 0.125}
     reason = caps.refusal(fake("cuda", torch.float32), fake("cuda", torch.float32), **kw)
     assert reason is not None and "float32" in reason and "GPU" in reason
     assert caps.refusal(fake("cuda", torch.bfloat16), fake("cuda", torch.bfloat16), **kw) is None
@@ -166,7 +166,7 @@ def test_capability_refusals_in_order():
     """Every declared limit has its own reason (first one wins)."""
     q = torch.empty(1, 4, 8, 64, device="meta", dtype=torch.float16)
     k = torch.empty(1, 2, 8, 64, device="meta", dtype=torch.float16)
-    base = {"causal": True, "mask_kind": MASK_KEY_PADDING, "dropout": 0.0, "needs_grad": True}
+    base = {"causal": True, "mask_kind": MASK_KEY_PADDING, "dropout": 0.0, "needs_grad": True, "scale": 0.125}
     assert Capabilities().refusal(q, k, **base) is None
     assert "causal" in Capabilities(causal=False).refusal(q, k, **base)
     assert "bidirectional" in Capabilities(bidirectional=False).refusal(q, k, **{**base, "causal": False})
@@ -175,6 +175,8 @@ def test_capability_refusals_in_order():
     assert "block_mask" in Capabilities().refusal(q, k, **{**base, "mask_kind": "block_mask", "dropout": 0.1})
     assert "dropout" in Capabilities().refusal(q, k, **{**base, "dropout": 0.1})
     assert Capabilities(dropout=True).refusal(q, k, **{**base, "dropout": 0.1}) is None
+    assert "scale" in Capabilities().refusal(q, k, **{**base, "scale": 0.0})
+    assert "scale" in Capabilities().refusal(q, k, **{**base, "scale": -0.5})
 
 
 def test_cpu_without_interpreter_runs_the_reference(caplog, monkeypatch):
@@ -359,3 +361,12 @@ def test_kernel_path_zeros_for_fully_masked_rows():
     key_padding[1] = False
     out, _ = dense_attention_forward(StubAttention(), q, k, v, key_padding)
     assert not torch.isnan(out).any() and (out[1] == 0).all()
+
+
+def test_zero_scale_falls_back_to_uniform_attention(caplog):
+    """scale = 0 is outside the kernels (they need a positive scale): SDPA computes it, with one warning."""
+    q, k, v = qkv()
+    out = call_twice(StubAttention(is_causal=False), q, k, v, None, scaling=0.0)
+    torch.testing.assert_close(out, sdpa(q, k, v, scale=0.0), atol=1e-5, rtol=1e-5)
+    [message] = warnings_of(caplog)
+    assert "scale" in message

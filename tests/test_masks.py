@@ -160,11 +160,6 @@ def test_tensor_q_offset_is_handled_in_eager():
     assert torch.equal(out, explicit_causal(attention_mask, 1, 10, q_offset=3).expand_as(out))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hf_fastattn/masks.py branches in Python on `q_offset + q_length == kv_offset + kv_length`; with StaticCache "
-    "q_offset is a tensor, so this is a data-dependent branch (graph break under torch.compile, host sync on CUDA)",
-)
 def test_tensor_q_offset_compiles_fullgraph():
     attention_mask = padding_mask(length=10, left=1, right=0).bool()
 

@@ -224,5 +224,8 @@ def dense_attention(
         key_padding = (key_padding if key_padding.dtype == torch.bool else key_padding != 0).contiguous()
         key_padding = key_padding.view(torch.uint8)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not scale > 0.0:
+        # The kernels take the row maximum before scaling (max(s) * scale), which holds only for a positive scale.
+        raise ValueError(f"dense_attention needs a positive softmax scale, got {scale}")
     out, lse = _dense_fwd_op(q, k, v, key_padding, bool(causal), scale)
     return (out, lse) if return_lse else out
