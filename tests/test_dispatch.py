@@ -317,7 +317,7 @@ def test_patched_model_layers_on_sdpa_match_sdpa_without_warning(caplog):
 
 
 def _nan_on_empty_rows_sdpa(real_sdpa):
-    """torch's CPU SDPA already returns zeros for rows that see no key; CUDA backends have returned NaN. Emulate them."""
+    """torch's CPU SDPA already returns zeros for rows that see no key; CUDA backends have returned NaN: emulate."""
 
     def wrapped(query, key, value, attn_mask=None, *args, **kwargs):
         out = real_sdpa(query, key, value, attn_mask, *args, **kwargs)

@@ -97,7 +97,7 @@ def test_bidirectional_cross_attention_padding():
 
 
 def test_all_ones_padding_is_none_or_all_true():
-    """An all-ones tokenizer mask may stay a key-padding mask (checking it would sync with the host), but never hides."""
+    """An all-ones mask may stay a key-padding mask (checking it would sync with the host), but never hides a key."""
     out = fastattn_mask(2, 8, 8, mask_function=causal_mask_function, attention_mask=torch.ones(2, 8, dtype=torch.long))
     assert out is None or (out.shape == (2, 8) and out.all())
 

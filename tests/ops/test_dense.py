@@ -82,8 +82,8 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def rounding_floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
     """flash-attention's absolute floor: twice the rounding noise of a value of ``ref``'s size in ``dtype``.
 
-    ``(x + 0.3 - 0.3 - x)`` evaluated in ``dtype`` is the rounding error of numbers around ``|x| + 0.3``; with tiny tensors
-    the low-precision reference can get lucky (a few elements, all rounded well), and this keeps the rule meaningful."""
+    ``(x + 0.3 - 0.3 - x)`` evaluated in ``dtype`` is the rounding error of numbers around ``|x| + 0.3``. With tiny
+    tensors the low-precision reference can get lucky (a few elements, all rounded well); this keeps the rule sane."""
     if not ref.numel() or dtype == torch.float32:
         return 0.0
     low = ref.to(dtype)
@@ -424,8 +424,9 @@ def attention_problems(draw, max_batch=2, max_kv_heads=2, max_group=3, max_seq=4
     grad = draw(st.sampled_from([False, False, True]))
     seed = draw(st.integers(0, 2**31 - 1))
     return {
-        "batch": batch, "kv_heads": kv_heads, "q_heads": kv_heads * group, "seq_q": seq_q, "seq_k": seq_k, "head_dim": head_dim,
-        "causal": causal, "dtype": dtype, "pad": pad, "n": n, "holes": holes, "grad": grad, "seed": seed,
+        "batch": batch, "kv_heads": kv_heads, "q_heads": kv_heads * group, "seq_q": seq_q, "seq_k": seq_k,
+        "head_dim": head_dim, "causal": causal, "dtype": dtype, "pad": pad, "n": n, "holes": holes, "grad": grad,
+        "seed": seed,
     }  # fmt: skip
 
 
@@ -479,10 +480,8 @@ class TestDenseGPU:
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
-    @given(
-        problem=attention_problems(
-            max_batch=3, max_kv_heads=4, max_group=4, max_seq=1024, head_dims=tuple(SUPPORTED_HEAD_DIMS)
-        )
-    )
+    # Head dims 64 and 128 only: every (head dim, causal, padding) is its own kernel compile, and 1,000 examples must
+    # fit one GPU session; the other head dims run at realistic shapes in test_forward_backward.
+    @given(problem=attention_problems(max_batch=2, max_kv_heads=4, max_group=4, max_seq=512, head_dims=(64, 128)))
     def test_matches_reference_hypothesis(self, problem):
         run_problem(problem)
