@@ -74,7 +74,9 @@ def save_state(model: nn.Module, directory: str | os.PathLike, metadata: dict[st
         "metadata": metadata or {},
     }
     _atomic_write(directory / TENSORS_NAME, lambda path: safetensors.torch.save_file(tensors, path))
-    _atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(json.dumps(config, indent=2, default=str)))
+    _atomic_write(
+        directory / CONFIG_NAME, lambda path: Path(path).write_text(json.dumps(config, indent=2, default=str))
+    )
     return directory
 
 

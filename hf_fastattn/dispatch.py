@@ -31,7 +31,6 @@ from .ops.dense.naive import visible_keys
 
 logger = logging.getLogger("hf_fastattn")
 
-SDPA = "sdpa"
 _warned: set[tuple[str, str]] = set()
 
 

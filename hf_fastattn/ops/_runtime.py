@@ -22,7 +22,7 @@ def autotune_enabled() -> bool:
     return os.environ.get("HF_FASTATTN_AUTOTUNE", "1") != "0"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_importable() -> bool:
     try:
         import triton  # noqa: F401

@@ -109,7 +109,7 @@ def dense_bwd(dout, q, k, v, out, lse, key_padding, causal: bool, scale: float):
     block_d = next_power_of_2(head_dim)
     kpad, stride_kpad = _key_padding_arg(key_padding, q)
     seq_k_bucket = min(next_power_of_2(seq_k), 1 << 16)
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_KEY_PADDING=key_padding is not None)
+    meta = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "CAUSAL": causal, "HAS_KEY_PADDING": key_padding is not None}
 
     delta = torch.empty_like(lse)
     pre_block = _INTERPRETER_BLOCK if interpreter_enabled() else 128
@@ -220,7 +220,9 @@ def dense_attention(
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
     if key_padding is not None:
         if key_padding.shape != (k.shape[0], k.shape[2]):
-            raise ValueError(f"key_padding must be (B, S_kv) = {(k.shape[0], k.shape[2])}, got {tuple(key_padding.shape)}")
+            raise ValueError(
+                f"key_padding must be (B, S_kv) = {(k.shape[0], k.shape[2])}, got {tuple(key_padding.shape)}"
+            )
         key_padding = (key_padding if key_padding.dtype == torch.bool else key_padding != 0).contiguous()
         key_padding = key_padding.view(torch.uint8)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

@@ -112,7 +112,7 @@ def _dense_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(0, group_size):
+    for g in range(group_size):
         q_head = kv_head * group_size + g
         q_base = Q + batch * stride_qb + q_head * stride_qh
         do_base = dOut + batch * stride_dob + q_head * stride_doh

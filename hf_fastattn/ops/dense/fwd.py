@@ -130,7 +130,9 @@ def attn_fwd_tile_range(
 
 
 @triton.jit
-def attn_fwd_key_range(start_m, seq_k, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+def attn_fwd_key_range(
+    start_m, seq_k, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr
+):
     """Key tiles a query tile starting at ``start_m`` visits: ``[0, full_hi)`` need no element mask, ``[full_hi, hi)`` do."""
     if CAUSAL:
         # The last row of the tile sees keys <= start_m + BLOCK_M - 1 + offset; the first row sees <= start_m + offset.
