@@ -44,21 +44,23 @@ def next_power_of_2(n: int) -> int:
     return 1 << (max(int(n), 1) - 1).bit_length()
 
 
-def patch_interpreter_bf16_dot() -> None:
-    """Make ``tl.dot`` on bf16 operands correct in Triton's interpreter.
+def patch_interpreter_bf16() -> None:
+    """Make bf16 arithmetic in Triton's interpreter match the GPU's (seen wrong in triton 3.6-3.9).
 
-    The interpreter stores bf16 as raw uint16 bits and its ``create_dot`` multiplies those integers (seen in
-    triton 3.6-3.9), so every bf16 kernel would return garbage on the CPU. bf16 -> fp32 is exact (a 16-bit shift),
-    so widening the operands first gives the product the GPU's fp32-accumulating tensor cores compute.
+    The interpreter stores bf16 as raw uint16 bits. Its ``create_dot`` multiplies those integers, so every bf16 kernel
+    would return garbage on the CPU: widening the operands to fp32 first (exact, a 16-bit shift) gives the product the
+    GPU's fp32-accumulating tensor cores compute. Its fp32 -> bf16 cast truncates, where the GPU rounds to nearest
+    even: that bias would make every bf16 rounding inside a kernel cost up to a whole ulp.
     """
     import numpy as np
     import triton.language as tl
     from triton.runtime import interpreter
 
     builder_cls = interpreter.InterpreterBuilder
-    if getattr(builder_cls, "_hf_fastattn_bf16_dot", False):
+    if getattr(builder_cls, "_hf_fastattn_bf16", False):
         return
     original_create_dot = builder_cls.create_dot
+    original_cast_impl = builder_cls.cast_impl
 
     def widen(handle):
         if handle.dtype.scalar != tl.bfloat16:
@@ -69,5 +71,14 @@ def patch_interpreter_bf16_dot() -> None:
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         return original_create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
 
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
+            return original_cast_impl(self, src, dst_type)
+        bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
+        rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16  # round half to even
+        rounded = np.where(np.isnan(src.data), np.uint32(0x7FC0), rounded)
+        return interpreter.TensorHandle(rounded.astype(np.uint16), tl.bfloat16)
+
     builder_cls.create_dot = create_dot
-    builder_cls._hf_fastattn_bf16_dot = True
+    builder_cls.cast_impl = cast_impl
+    builder_cls._hf_fastattn_bf16 = True

@@ -5,8 +5,8 @@ Tolerances follow flash-attention's rule: the kernel's error against the fp32 re
 makes, plus an absolute floor of twice the rounding noise at the values' size (flash-attention's ``x + 0.3 - 0.3 - x``).
 The rule adapts to the dtype, the head dim and the sequence length without a hand-tuned tolerance per case. Two terms
 are added where the tiny CPU shapes make the max-of-a-few-elements statistic noisy, both derived, not tuned: the
-gradient error FlashAttention-2 makes by design (``delta`` from the stored, rounded output; see ``fa2_delta_error``),
-and one bf16 ulp under the interpreter, whose fp32 -> bf16 cast truncates (see ``INTERPRETER_BF16_SLACK``).
+gradient error FlashAttention-2 makes by design (``delta`` from the stored, rounded output; see ``fa2_delta_error``).
+Under the interpreter, ``hf_fastattn.ops._runtime.patch_interpreter_bf16`` makes bf16 dots and casts round as on a GPU.
 
 Without a GPU (``tests/conftest.py`` sets ``TRITON_INTERPRET=1``) the very same kernels run in Triton's CPU
 interpreter, so every shape here is small; the ``gpu``-marked tests cover realistic shapes on CUDA.
@@ -19,18 +19,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hf_fastattn.ops._runtime import interpreter_enabled
 from hf_fastattn.ops.dense import SUPPORTED_HEAD_DIMS, dense_attention, dense_attention_reference
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-INTERPRETER = interpreter_enabled()
-# Triton's interpreter (3.9 at least) casts fp32 -> bf16 by truncation (round toward zero) where the GPU rounds to
-# nearest even, so every bf16 rounding inside the kernels (P before P @ V, dS, the outputs) is biased the same way and
-# costs up to one ulp instead of half of one. Under the interpreter, bf16 results get one extra ulp of the largest value
-# (measured over 2000 random small problems: without it bf16 dv errors reached 3x the budget; with it, at most 45%).
-# test_interpreter_bf16_cast_rounds_to_nearest tracks the cast itself: drop this slack when that test XPASSes.
-INTERPRETER_BF16_SLACK = 2.0**-7
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -100,8 +92,6 @@ def assert_within_rule(
     magnitude = ref.abs().max().item() if ref.numel() else 0.0
     # 1e-5 covers the corner cases where both errors are ~0 (one key: dq = 0 exactly, the kernel leaves ~1e-7).
     atol = 1e-5 * max(1.0, magnitude) + rounding_floor(ref, got.dtype) + extra
-    if INTERPRETER and got.dtype == torch.bfloat16:
-        atol += INTERPRETER_BF16_SLACK * magnitude
     assert err <= factor * pt_err + atol, (
         f"{name}: kernel error {err:.3e} > {factor} x low-precision reference error {pt_err:.3e} + {atol:.2e}"
     )
@@ -259,13 +249,7 @@ def test_dense_fp32_in_interpreter():
     check_against_reference(2, 2, 1, 20, 20, 32, True, key_padding, torch.float32)
 
 
-@pytest.mark.xfail(
-    INTERPRETER,
-    strict=True,
-    reason="Triton's interpreter casts fp32 -> bf16 by truncation, not round-to-nearest-even as on the GPU; "
-    "hf_fastattn.ops._runtime patches the interpreter's bf16 dot but not this cast",
-)
-def test_interpreter_bf16_cast_rounds_to_nearest():
+def test_bf16_output_rounds_to_nearest():
     """Zero queries attend uniformly to two keys: ``out = (v0 + v1) / 2`` is exact in fp32, so the kernel's bf16 output
     must be exactly torch's round-to-nearest-even of it (ties included), as it is on a GPU."""
     q, k, v, _ = make_qkv(2, 2, 2, 16, 2, 64, torch.bfloat16, seed=2)

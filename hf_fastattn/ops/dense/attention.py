@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .._runtime import autotune_enabled, interpreter_enabled, next_power_of_2, patch_interpreter_bf16_dot
+from .._runtime import autotune_enabled, interpreter_enabled, next_power_of_2, patch_interpreter_bf16
 from .bwd import _bwd_preprocess_kernel, _dense_bwd_dkdv_kernel, _dense_bwd_dq_kernel
 from .fwd import _dense_fwd_kernel
 
@@ -18,7 +18,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 # The interpreter runs one program at a time in NumPy: the smallest tiles tl.dot accepts keep CI fast.
 _INTERPRETER_BLOCK = 16
 if interpreter_enabled():
-    patch_interpreter_bf16_dot()
+    patch_interpreter_bf16()
 
 
 # Tiles as (BLOCK_M, BLOCK_N, num_warps, num_stages): the measured H100 winners (bf16, d64/d128, N 1k-32k) plus
