@@ -1,0 +1,119 @@
+"""Pieces every evaluation record shares: environment, attention summary, time and peak memory, atomic JSON output.
+
+A record puts quality next to attention density, time and peak memory, with the versions, date and command that
+produced it (evaluation conventions §6.3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import transformers
+from torch import nn
+
+import hf_fastattn
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs Python 3.11
+
+# Methods that compute exact attention: every (query, key) pair is evaluated.
+_EXACT_METHODS = frozenset({"dense", "sdpa"})
+
+
+def environment() -> dict:
+    """GPU name (or ``"cpu"``), library versions, UTC date and the exact command line of this run."""
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "triton": _installed_version("triton"),
+        "transformers": transformers.__version__,
+        "hf_fastattn": hf_fastattn.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(sys.argv),
+    }
+
+
+def attention_summary(model: nn.Module) -> dict:
+    """The model's attention implementation, each patched layer's method and config, and the attention density."""
+    states = hf_fastattn.layer_states(model)
+    implementation = model.config._attn_implementation
+    if states:
+        methods = {state.method for state in states}
+    elif implementation.startswith("fastattn_"):
+        # Set through ``attn_implementation=`` without ``patch``: every layer runs that method's defaults.
+        methods = {implementation.removeprefix("fastattn_")}
+    else:
+        methods = {"sdpa"}  # not ours (eager, sdpa, flash...): exact attention
+    return {
+        "implementation": implementation,
+        "layers": [{"index": state.layer_index, "method": state.method, "config": state.config} for state in states],
+        # Exact methods have density 1.0; sparse methods will report their realised density here.
+        "density": 1.0 if methods <= _EXACT_METHODS else None,
+    }
+
+
+class Measure:
+    """Wall time (``seconds``) and peak CUDA memory (``peak_memory_mib``, None on CPU) of the ``with`` block.
+
+    On CUDA the device is synchronised on entry and exit, so queued kernels are inside the timed span.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: float | None = None
+        self.peak_memory_mib: float | None = None
+        self._start = 0.0
+
+    def __enter__(self) -> Self:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.peak_memory_mib = torch.cuda.max_memory_allocated() / 2**20
+        self.seconds = time.perf_counter() - self._start
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> None:
+    """Write ``payload`` as JSON to ``path`` atomically (temp file in the same directory, then ``os.replace``).
+
+    Parent directories are created. A reader never sees a half-written file, and a failure leaves no temp file.
+    """
+    path = Path(path)
+    temp_name = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2)
+            handle.write("\n")
+        os.replace(temp_name, path)
+        temp_name = None
+    except OSError as e:
+        raise OSError(f"cannot write results to {path}: {e.strerror}") from e
+    finally:
+        if temp_name is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temp_name)
+
+
+def _installed_version(distribution: str) -> str | None:
+    """A distribution's version from its metadata, without importing it (importing triton has side effects)."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
