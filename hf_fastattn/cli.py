@@ -1,7 +1,8 @@
 """The ``hf-fastattn`` command line.
 
-``hf-fastattn info``      versions, device, registered methods and their capabilities.
-``hf-fastattn selftest``  tiny random models with each method vs transformers' eager attention.
+``hf-fastattn info``        versions, device, registered methods and their capabilities.
+``hf-fastattn selftest``    tiny random models with each method vs transformers' eager attention.
+``hf-fastattn quickstart``  a real model, dense vs a method: perplexity, needle grid, heatmaps, summary table.
 """
 
 from __future__ import annotations
@@ -103,15 +104,67 @@ def selftest(tolerance: float = 1e-4) -> int:
     return 1 if failures else 0
 
 
+def quickstart(args: argparse.Namespace) -> int:
+    """Dense vs ``--method`` on a real offline model; user errors end with a one-line message, not a traceback."""
+    import torch
+
+    import hf_fastattn  # noqa: F401  (registers the methods)
+    from hf_fastattn.assets import AssetUnavailable
+    from hf_fastattn.assets.data import load_text
+    from hf_fastattn.assets.models import load_model
+    from hf_fastattn.evaluation.quickstart import run_quickstart
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    try:
+        text = load_text(args.text, "eval") if args.text_file is None else _read_text_file(args.text_file)
+        model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+        result = run_quickstart(
+            model, tokenizer, method=args.method, eval_text=text, output_dir=args.out,
+            context_lengths=args.context_lengths, depth_percents=args.depths, needles_per_cell=args.needles,
+            perplexity_context=args.ppl_context, perplexity_tokens=args.ppl_tokens, seed=args.seed,
+        )  # fmt: skip
+    except (AssetUnavailable, KeyError, ValueError, OSError) as error:
+        print(f"hf-fastattn quickstart: {error}", file=sys.stderr)
+        return 2
+    print(result["summary"])
+    print(f"\nresults, heatmaps and summary written to {args.out}")
+    return 0
+
+
+def _read_text_file(path: str) -> str:
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if not text.strip():
+        raise ValueError(f"text file {path} is empty")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-fastattn", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, device, registered methods and capabilities")
     check = commands.add_parser("selftest", help="tiny random models: each method vs eager attention")
     check.add_argument("--tolerance", type=float, default=1e-4, help="max abs error on fp32 hidden states")
+    demo = commands.add_parser("quickstart", help="dense vs a method on a real model: perplexity, needles, heatmaps")
+    demo.add_argument("--model", default="smollm2", help="asset name (smollm2), local folder or hub id")
+    demo.add_argument("--method", default="dense", help="hf_fastattn method to compare with dense attention")
+    demo.add_argument("--text", default="essays", help="held-out text asset (essays or austen)")
+    demo.add_argument("--text-file", help="a local UTF-8 text file instead of --text")
+    demo.add_argument("--out", default="quickstart_results", help="output folder (created)")
+    demo.add_argument("--context-lengths", type=int, nargs="+", default=[256, 512])
+    demo.add_argument("--depths", type=float, nargs="+", default=[0, 50, 100], help="needle depths in percent")
+    demo.add_argument("--needles", type=int, default=1, help="needles per grid cell")
+    demo.add_argument("--ppl-context", type=int, default=512, help="perplexity window length")
+    demo.add_argument("--ppl-tokens", type=int, default=2048, help="tokens of text scored for perplexity")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--device", help="default: cuda if available, else cpu")
+    demo.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
+    if args.command == "quickstart":
+        return quickstart(args)
     return selftest(args.tolerance)
 
 
