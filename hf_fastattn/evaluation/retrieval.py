@@ -337,7 +337,7 @@ def _run_grid(
                     for trial in range(trials):
                         rng = _case_rng(task, seed, context_length, depth, trial)
                         prompt, answer = build(context_length, depth, rng)
-                        response, prompt_tokens = _greedy_continuation(model, tokenizer, prompt, max_new_tokens, device)
+                        response, prompt_tokens = greedy_continuation(model, tokenizer, prompt, max_new_tokens, device)
                         responses.append(
                             {
                                 "answer": answer,
@@ -378,7 +378,7 @@ def _case_rng(task: str, seed: int, context_length: int, depth: float, trial: in
     return random.Random(f"{task}/{seed}/{context_length}/{float(depth)}/{trial}")
 
 
-def _greedy_continuation(
+def greedy_continuation(
     model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, device: torch.device
 ) -> tuple[str, int]:
     """The decoded text of the generated tokens only, and the prompt's length in tokens."""

@@ -44,6 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .records import Measure, attention_summary, environment
+from .retrieval import greedy_continuation
 
 NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
 NOISE_HAYSTACK = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -408,22 +409,10 @@ def _check_context_length(model: nn.Module, context_length: int) -> None:
 def _greedy_continuation(
     model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, device: torch.device
 ) -> tuple[str, int]:
-    """The decoded generated tokens only (control characters as newlines, stripped, as RULER's post-processing), and
-    the prompt's length in tokens."""
-    encoded = tokenizer(prompt, return_tensors="pt")
-    input_ids = encoded["input_ids"].to(device)
-    attention_mask = encoded.get("attention_mask", torch.ones_like(encoded["input_ids"])).to(device)
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad_token_id,
-    )
-    # Only what the model wrote counts: the prompt itself contains every reference.
-    text = tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
-    return re.sub(r"[\x00-\x1f]", "\n", text).strip(), input_ids.shape[1]
+    """The generated text only (control characters as newlines, stripped, as RULER's post-processing), and the
+    prompt's length in tokens."""
+    text, prompt_tokens = greedy_continuation(model, tokenizer, prompt, max_new_tokens, device)
+    return re.sub(r"[\x00-\x1f]", "\n", text).strip(), prompt_tokens
 
 
 def _mean(values: list[float]) -> float:
