@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 import transformers
 from torch import nn
 
+from ._io import atomic_write
 from ._version import __version__
 from .patch import attention_modules, layer_states, patch
 from .state import LayerState
@@ -73,9 +73,11 @@ def save_state(model: nn.Module, directory: str | os.PathLike, metadata: dict[st
         "tensors": sorted(tensors),
         "metadata": metadata or {},
     }
-    _atomic_write(directory / TENSORS_NAME, lambda path: safetensors.torch.save_file(tensors, path))
-    _atomic_write(
-        directory / CONFIG_NAME, lambda path: Path(path).write_text(json.dumps(config, indent=2, default=str))
+    atomic_write(directory / TENSORS_NAME, lambda path: safetensors.torch.save_file(tensors, path), what="artifact")
+    atomic_write(
+        directory / CONFIG_NAME,
+        lambda path: Path(path).write_text(json.dumps(config, indent=2, default=str)),
+        what="artifact",
     )
     return directory
 
@@ -138,14 +140,3 @@ def load_state(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         else:
             state.set_tensor(tensor_name, tensor.to(device))
     return model
-
-
-def _atomic_write(path: Path, write) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

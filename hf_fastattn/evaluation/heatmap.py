@@ -6,11 +6,11 @@ The colour scale is fixed to [0, 1] (red = 0, green = 1) so that heatmaps of dif
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 from pathlib import Path
+
+from .._io import atomic_write
 
 _COLOURS = ["#F0496E", "#EBB839", "#0CD79F"]  # red, amber, green: the original notebook's colormap
 _TASK_TITLES = {"needle": "Needle in a haystack", "passkey": "Passkey retrieval"}
@@ -74,18 +74,5 @@ def _method_line(result: dict) -> str:
 
 
 def _save_atomically(figure, path: Path) -> None:
-    """PNG to a temp file in the target directory, then ``os.replace``: a reader never sees a partial image."""
-    temp_name = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            figure.savefig(handle, format="png", dpi=100)
-        os.replace(temp_name, path)
-        temp_name = None
-    except OSError as e:
-        raise OSError(f"cannot write heatmap to {path}: {e.strerror or e}") from e
-    finally:
-        if temp_name is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(temp_name)
+    """A reader never sees a partial image (see ``hf_fastattn._io.atomic_write``)."""
+    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100), what="heatmap")

@@ -6,16 +6,13 @@ produced it (evaluation conventions §6.3).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from importlib import metadata
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,6 +20,7 @@ import transformers
 from torch import nn
 
 import hf_fastattn
+from hf_fastattn._io import atomic_write
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self needs Python 3.11
@@ -89,26 +87,14 @@ class Measure:
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:
-    """Write ``payload`` as JSON to ``path`` atomically (temp file in the same directory, then ``os.replace``).
+    """Write ``payload`` as JSON to ``path`` atomically; parent folders are created (see ``hf_fastattn._io``)."""
 
-    Parent directories are created. A reader never sees a half-written file, and a failure leaves no temp file.
-    """
-    path = Path(path)
-    temp_name = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+    def write(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as handle:
             json.dump(payload, handle, indent=2)
             handle.write("\n")
-        os.replace(temp_name, path)
-        temp_name = None
-    except OSError as e:
-        raise OSError(f"cannot write results to {path}: {e.strerror}") from e
-    finally:
-        if temp_name is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(temp_name)
+
+    atomic_write(path, write, what="results")
 
 
 def _installed_version(distribution: str) -> str | None:

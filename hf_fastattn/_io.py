@@ -1,0 +1,32 @@
+"""Atomic file writes shared by artifacts, result records and plots."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, what: str = "results") -> None:
+    """Call ``write(temporary_path)`` on a temp file beside ``path``, then rename it into place.
+
+    Parent folders are created. A reader never sees a half-written file, a failure leaves no temp file, and an
+    unwritable location raises ``OSError("cannot write <what> to <path>: <reason>")``.
+    """
+    path = Path(path)
+    temporary = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(handle)
+        write(temporary)
+        os.replace(temporary, path)
+        temporary = None
+    except OSError as error:
+        raise OSError(f"cannot write {what} to {path}: {error.strerror or error}") from error
+    finally:
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
