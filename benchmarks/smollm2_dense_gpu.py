@@ -14,7 +14,7 @@ import hf_fastattn
 from hf_fastattn.assets import models as M
 from hf_fastattn.assets.cache import asset_dir
 from hf_fastattn.assets.data import load_text
-from hf_fastattn.evaluation.heatmap import save_heatmap
+from hf_fastattn.evaluation.plots import save_heatmap
 from hf_fastattn.evaluation.perplexity import perplexity
 from hf_fastattn.evaluation.records import environment, write_json
 from hf_fastattn.evaluation.retrieval import needle_grid

@@ -30,3 +30,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, what:
         if temporary is not None:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
+
+
+def check_writable(directory: str | os.PathLike) -> Path:
+    """Create ``directory`` and prove a file can be written there, before any long run; returns it as a Path.
+
+    Raises ``OSError("cannot write results to <directory>: <reason>")``.
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise OSError(f"cannot write results to {directory}: {error.strerror or error}") from error
+    return directory

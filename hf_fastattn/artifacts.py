@@ -106,9 +106,8 @@ def read_artifact(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[st
     return config, tensors
 
 
-def load_state(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Patch ``model`` as the artifact describes and restore its per-layer tensors; refuses a mismatched model."""
-    config, tensors = read_artifact(directory)
+def check_fingerprint(model: nn.Module, config: dict[str, Any], directory: str | os.PathLike) -> None:
+    """Raise :class:`ArtifactError` unless the artifact (its JSON ``config``) was made for ``model``'s shapes."""
     expected, actual = config["fingerprint"], model_fingerprint(model)
     if expected != actual:
         differing = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k) and k != "hash")
@@ -116,6 +115,12 @@ def load_state(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             f"artifact {directory} was made for a different model: fields {differing} differ "
             f"(artifact {[expected.get(k) for k in differing]}, model {[actual.get(k) for k in differing]})"
         )
+
+
+def load_state(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Patch ``model`` as the artifact describes and restore its per-layer tensors; refuses a mismatched model."""
+    config, tensors = read_artifact(directory)
+    check_fingerprint(model, config, directory)
     layers = config["layers"]
     # The registered name only selects the mask builder, which every method shares; each layer's own entry wins.
     default_method = next((entry["method"] for entry in layers if entry["method"] != "sdpa"), "dense")

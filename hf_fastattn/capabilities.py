@@ -86,6 +86,11 @@ class MethodSpec:
 
     ``kernel`` and ``reference`` take ``(query, key, value, *, causal, scale, key_padding, state)`` in HF's
     ``(B, H, S, D)`` layout and return the output in the same layout.
+
+    ``prepare(model, states)``, when given, runs at patch time for the layers assigned to this method (load
+    thresholds, create gates) and raises on a bad configuration. ``statistics(state)``, when given, returns what the
+    layer realised since it was patched, at least ``{"density": fraction of attention work done}`` (None until the
+    layer has run); a method without it computes exact attention (density 1.0).
     """
 
     name: str
@@ -94,6 +99,8 @@ class MethodSpec:
     reference: Callable[..., torch.Tensor]
     capabilities: Capabilities = field(default_factory=Capabilities)
     fallback: str = "sdpa"
+    prepare: Callable[..., None] | None = None
+    statistics: Callable[..., dict] | None = None
 
     @property
     def registered_name(self) -> str:

@@ -70,6 +70,10 @@ def patch(
             state.to(reference.device)
         setattr(module, STATE_ATTRIBUTE, state)
 
+    states = layer_states(model)
+    for spec in {state.spec for state in states if state.spec is not None and state.spec.prepare is not None}:
+        spec.prepare(model, [state for state in states if state.spec is spec])
+
     if not hasattr(model, _PREVIOUS_IMPLEMENTATION):
         setattr(model, _PREVIOUS_IMPLEMENTATION, model.config._attn_implementation)
     _set_implementation(model, default_spec.registered_name)

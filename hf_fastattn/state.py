@@ -28,6 +28,11 @@ class LayerState(nn.Module):
         self.layer_index = layer_index
         self.spec = spec
         self.config = dict(config or {})
+        # Realised-work counters a method accumulates on the device (e.g. BSFA's skipped tiles); not saved.
+        self.counters: dict[str, torch.Tensor] = {}
+
+    def reset_statistics(self) -> None:
+        self.counters.clear()
 
     @property
     def method(self) -> str:

@@ -99,6 +99,7 @@ def perplexity(
         "batch_size": batch_size,
         "dtype": str(parameter.dtype).removeprefix("torch."),
         "tokens": len(token_ids),
+        "input_tokens": sum(len(prefix) + window.end - window.begin for window in windows),  # what the model read
         "scored_tokens": scored_tokens,
         "windows": len(windows),
         "nll": mean_nll,

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..patch import use
-from .heatmap import save_heatmap
 from .perplexity import perplexity
+from .plots import save_heatmap
 from .records import environment, write_json
 from .retrieval import needle_grid
 

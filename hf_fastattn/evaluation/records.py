@@ -25,9 +25,6 @@ from hf_fastattn._io import atomic_write
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self needs Python 3.11
 
-# Methods that compute exact attention: every (query, key) pair is evaluated.
-_EXACT_METHODS = frozenset({"dense", "sdpa"})
-
 
 def environment() -> dict:
     """GPU name (or ``"cpu"``), library versions, UTC date and the exact command line of this run."""
@@ -43,22 +40,32 @@ def environment() -> dict:
 
 
 def attention_summary(model: nn.Module) -> dict:
-    """The model's attention implementation, each patched layer's method and config, and the attention density."""
+    """The model's attention implementation, each patched layer's method, config and realised statistics, and the
+    attention density: the mean over layers of the fraction of attention work done (1.0 for exact methods; None if a
+    sparse layer has not run). Statistics accumulate from :func:`reset_attention_statistics` or from patching."""
     states = hf_fastattn.layer_states(model)
     implementation = model.config._attn_implementation
-    if states:
-        methods = {state.method for state in states}
-    elif implementation.startswith("fastattn_"):
-        # Set through ``attn_implementation=`` without ``patch``: every layer runs that method's defaults.
-        methods = {implementation.removeprefix("fastattn_")}
-    else:
-        methods = {"sdpa"}  # not ours (eager, sdpa, flash...): exact attention
-    return {
-        "implementation": implementation,
-        "layers": [{"index": state.layer_index, "method": state.method, "config": state.config} for state in states],
-        # Exact methods have density 1.0; sparse methods will report their realised density here.
-        "density": 1.0 if methods <= _EXACT_METHODS else None,
-    }
+    if not states:
+        # Not patched: transformers' own attention or ``attn_implementation="fastattn_<m>"`` with that method's
+        # defaults. Only exact methods run without a per-layer state.
+        return {"implementation": implementation, "layers": [], "density": 1.0}
+    layers, densities = [], []
+    for state in states:
+        statistics = state.spec.statistics(state) if state.spec is not None and state.spec.statistics else None
+        density = 1.0 if statistics is None else statistics["density"]
+        densities.append(density)
+        entry = {"index": state.layer_index, "method": state.method, "config": state.config, "density": density}
+        if statistics is not None:
+            entry["statistics"] = statistics
+        layers.append(entry)
+    density = None if None in densities else sum(densities) / len(densities)
+    return {"implementation": implementation, "layers": layers, "density": density}
+
+
+def reset_attention_statistics(model: nn.Module) -> None:
+    """Start counting realised attention work (e.g. skipped tiles) afresh, so a harness reports only its own run."""
+    for state in hf_fastattn.layer_states(model):
+        state.reset_statistics()
 
 
 class Measure:

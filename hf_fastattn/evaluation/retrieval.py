@@ -10,7 +10,7 @@ Both harnesses share one protocol (evaluation conventions §2–§3):
 - substring scoring of the generated tokens only (the prompt itself contains the answer), no LLM judge.
 
 A result is one JSON-able record: per-cell scores and responses, the mean score, the attention summary (method,
-density), time, peak memory and the environment (§6.3). :func:`hf_fastattn.evaluation.heatmap.save_heatmap` plots it.
+density), time, peak memory and the environment (§6.3). :func:`hf_fastattn.evaluation.plots.save_heatmap` plots it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .metrics import load_metric
 from .records import Measure, attention_summary, environment
 
 # Needle in a haystack: MInference-style substring scoring, completion prompt ending in the answer prefix.
@@ -127,7 +128,7 @@ def needle_grid(
         trials=needles_per_cell,
         seed=seed,
         max_new_tokens=max_new_tokens,
-        is_correct=lambda answer, response: answer in response,
+        is_correct=_contains_answer,
         progress=progress,
         settings=settings,
     )
@@ -179,6 +180,11 @@ def _needle_prompt(
     insertion_point = _needle_insertion_point(tokenizer, context_tokens, depth_percent)
     tokens = context_tokens[:insertion_point] + needle_tokens + context_tokens[insertion_point:]
     return tokenizer.decode(tokens, clean_up_tokenization_spaces=False) + question, number
+
+
+def _contains_answer(answer: str, response: str) -> bool:
+    """The needle's rule: the answer appears verbatim in the response (the ``substring_match`` metric module)."""
+    return load_metric("substring_match").compute(predictions=[response], references=[answer])["per_sample"][0] == 1
 
 
 def _needle_insertion_point(tokenizer, context_tokens: list[int], depth_percent: float) -> int:

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .metrics import load_metric
 from .records import Measure, attention_summary, environment
 from .retrieval import greedy_continuation
 
@@ -250,19 +251,13 @@ def make_sample(
 def string_match_all(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """RULER's ``string_match_all``: mean over samples of the fraction of references in the prediction, × 100.
 
-    Matching is case-insensitive substring search.
+    Matching is case-insensitive substring search. The rule lives in the ``string_match_all`` metric module
+    (:func:`hf_fastattn.evaluation.metrics.load_metric`).
     """
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} reference lists")
-    if not predictions:
-        raise ValueError("string_match_all needs at least one prediction")
-    total = 0.0
-    for prediction, refs in zip(predictions, references):
-        if not refs:
-            raise ValueError("every sample needs at least one reference string")
-        prediction = prediction.lower()
-        total += sum(reference.lower() in prediction for reference in refs) / len(refs)
-    return 100.0 * total / len(predictions)
+    metric = load_metric("string_match_all")
+    return metric.compute(predictions=list(predictions), references=[list(refs) for refs in references])["score"]
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Needle-in-a-haystack and passkey harnesses, and their heatmap, on a tiny random Llama with a local tokenizer.
+"""Needle-in-a-haystack and passkey harnesses on a tiny random Llama with a local tokenizer.
 
 A random model retrieves nothing, so these tests check the mechanics: prompt construction (insertion on a sentence
 boundary, depth, length, seeding), scoring of the generated tokens only (through a fake ``generate`` that answers
@@ -24,7 +24,6 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 import hf_fastattn
 import hf_fastattn.dispatch
 import hf_fastattn.ops.dense.attention
-from hf_fastattn.evaluation.heatmap import save_heatmap
 from hf_fastattn.evaluation.retrieval import (
     CITIES,
     NEEDLE,
@@ -46,7 +45,6 @@ HAYSTACK = (
     "exist. The library opens early on market days."
 )
 MAX_POSITIONS = 512
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NEEDLE_ANSWER = re.compile(r"special magic number for \w+ is: (\d+)\.")
 PASSKEY_ANSWER = re.compile(r"The pass key is (\d+)\.")
 # Tiny grids covering both depth ends; a buffer of 8 leaves the needle grid's prompts room for some haystack.
@@ -366,31 +364,6 @@ def test_fastattn_dense_generates_what_eager_does(monkeypatch):
     assert actual["attention"]["implementation"] == "fastattn_dense"
     if interpreter_enabled():  # otherwise CPU tensors take the PyTorch reference path
         assert 1 in kernel_query_lengths and max(kernel_query_lengths) > 32, "prefill and decode must use the kernel"
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Heatmap
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def test_save_heatmap_writes_a_png(tmp_path, model):
-    result = needle_grid(model, TOKENIZER, HAYSTACK, **{**NEEDLE_GRID, "needles_per_cell": 1}, progress=False)
-    path = tmp_path / "plots" / "needle.png"
-    save_heatmap(result, path, title="tiny Llama (dense reference 0.00)")
-
-    data = path.read_bytes()
-    assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
-    assert [p.name for p in path.parent.iterdir()] == ["needle.png"]  # no temp file left behind
-
-
-def test_save_heatmap_unwritable_directory_names_the_path(tmp_path):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a directory")
-    path = blocker / "needle.png"
-    cells = [{"context_length": 64, "depth_percent": 0, "trials": 1, "correct": 1, "score": 1.0, "responses": []}]
-    result = {"task": "needle", "cells": cells, "mean_score": 1.0, "attention": {"implementation": "eager"}}
-    with pytest.raises(OSError, match=re.escape(str(path))):
-        save_heatmap(result, path)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ Layout is HF's: q ``(B, H_q, S_q, D)``, k/v ``(B, H_kv, S_kv, D)``, any strides 
 The work for one query tile is split into three reusable pieces:
 
 * :func:`attn_fwd_tile` folds one key tile into the running softmax state ``(acc, m_i, l_i)``. Sparse kernels call it
-  for the key tiles they select; the dense kernel calls it for every tile through :func:`attn_fwd_tile_range`.
+  for the key tiles they select; the dense kernel calls it for every tile through :func:`attn_fwd_tile_range`. It is
+  :func:`attn_fwd_scores` (``Q K^T`` with the mask) followed by :func:`attn_fwd_update` (online softmax, V load and
+  ``P V``), so a kernel can decide on the scores before paying for V (BSFA).
 * :func:`attn_fwd_key_range` gives the key tiles a query tile may see: the fully visible ones (no element masking) and
   the tail that needs the causal / sequence-end mask.
 * :func:`attn_fwd_finish` normalises the accumulator and returns the log-sum-exp.
@@ -21,6 +23,91 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def attn_fwd_scores(
+    q,
+    k_base,
+    kpad_base,
+    start_n,
+    offs_m,
+    offs_n,
+    offs_d,
+    stride_kn,
+    seq_k,
+    causal_offset,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK_CAUSAL: tl.constexpr,
+    MASK_SEQ_END: tl.constexpr,
+    HAS_KEY_PADDING: tl.constexpr,
+):
+    """Raw scores ``Q K^T`` of key tile ``[start_n, start_n + BLOCK_N)`` (fp32, unscaled), invisible keys at ``-inf``."""
+    cols = start_n + offs_n
+    k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
+    if MASK_SEQ_END and BLOCK_D != HEAD_DIM:
+        k = tl.load(k_ptrs, mask=(offs_d[:, None] < HEAD_DIM) & (cols[None, :] < seq_k), other=0.0)
+    elif MASK_SEQ_END:
+        k = tl.load(k_ptrs, mask=cols[None, :] < seq_k, other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    s = tl.dot(q, k)
+    if MASK_CAUSAL or MASK_SEQ_END or HAS_KEY_PADDING:
+        keep = cols[None, :] < seq_k
+        if MASK_CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None] + causal_offset)
+        if HAS_KEY_PADDING:
+            kpad = tl.load(kpad_base + cols, mask=cols < seq_k, other=0)
+            keep = keep & (kpad[None, :] != 0)
+        s = tl.where(keep, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def attn_fwd_update(
+    acc,
+    m_i,
+    l_i,
+    s,
+    v_base,
+    start_n,
+    offs_n,
+    offs_d,
+    stride_vn,
+    seq_k,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK_SEQ_END: tl.constexpr,
+    MAY_HAVE_EMPTY_ROWS: tl.constexpr,
+):
+    """Fold the scores ``s`` of one key tile (from :func:`attn_fwd_scores`) and its V tile into ``(acc, m_i, l_i)``."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    if MAY_HAVE_EMPTY_ROWS:
+        # Rows with nothing visible yet keep m = -inf; shift them by 0 so exp2 yields 0 rather than NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_shift = m_new
+    p = tl.math.exp2(s * qk_scale - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+
+    cols = start_n + offs_n
+    v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
+    if MASK_SEQ_END and BLOCK_D != HEAD_DIM:
+        v = tl.load(v_ptrs, mask=(cols[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    elif MASK_SEQ_END:
+        v = tl.load(v_ptrs, mask=cols[:, None] < seq_k, other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -48,48 +135,14 @@ def attn_fwd_tile(
     HAS_KEY_PADDING: tl.constexpr,
 ):
     """Fold key tile ``[start_n, start_n + BLOCK_N)`` into the online-softmax state of one query tile."""
-    cols = start_n + offs_n
-    k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
-    v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
-    if MASK_SEQ_END and BLOCK_D != HEAD_DIM:
-        k = tl.load(k_ptrs, mask=(offs_d[:, None] < HEAD_DIM) & (cols[None, :] < seq_k), other=0.0)
-    elif MASK_SEQ_END:
-        k = tl.load(k_ptrs, mask=cols[None, :] < seq_k, other=0.0)
-    elif BLOCK_D != HEAD_DIM:
-        k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-    s = tl.dot(q, k)
-
-    if MASK_CAUSAL or MASK_SEQ_END or HAS_KEY_PADDING:
-        keep = cols[None, :] < seq_k
-        if MASK_CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None] + causal_offset)
-        if HAS_KEY_PADDING:
-            kpad = tl.load(kpad_base + cols, mask=cols < seq_k, other=0)
-            keep = keep & (kpad[None, :] != 0)
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        # Rows with nothing visible yet keep m = -inf; shift them by 0 so exp2 yields 0 rather than NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        m_shift = m_new
-    p = tl.math.exp2(s * qk_scale - m_shift[:, None])
-    alpha = tl.math.exp2(m_i - m_shift)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-
-    if MASK_SEQ_END and BLOCK_D != HEAD_DIM:
-        v = tl.load(v_ptrs, mask=(cols[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    elif MASK_SEQ_END:
-        v = tl.load(v_ptrs, mask=cols[:, None] < seq_k, other=0.0)
-    elif BLOCK_D != HEAD_DIM:
-        v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-    else:
-        v = tl.load(v_ptrs)
-    acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, m_new, l_i
+    s = attn_fwd_scores(
+        q, k_base, kpad_base, start_n, offs_m, offs_n, offs_d, stride_kn, seq_k, causal_offset,
+        HEAD_DIM, BLOCK_D, MASK_CAUSAL, MASK_SEQ_END, HAS_KEY_PADDING,
+    )  # fmt: skip
+    return attn_fwd_update(
+        acc, m_i, l_i, s, v_base, start_n, offs_n, offs_d, stride_vn, seq_k, qk_scale,
+        HEAD_DIM, BLOCK_D, MASK_SEQ_END, MASK_CAUSAL or MASK_SEQ_END or HAS_KEY_PADDING,
+    )  # fmt: skip
 
 
 @triton.jit
