@@ -1,4 +1,5 @@
-"""Atomic file writes shared by artifacts, result records and plots."""
+"""File output shared by artifacts, result records, plots and the eval suite: atomic writes, and a check that a
+folder is writable before a long run."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 ``hf-fastattn info``        versions, device, registered methods and their capabilities.
 ``hf-fastattn selftest``    tiny random models with each method vs transformers' eager attention.
-``hf-fastattn quickstart``  a real model, dense vs a method: perplexity, needle grid, heatmaps, summary table.
+``hf-fastattn eval TASK``   several methods on one task (niah, passkey, ruler, ppl, encoder): one table, JSON, plots.
+``hf-fastattn calibrate bsfa``  BSFA thresholds for a model, saved as an artifact.
 """
 
 from __future__ import annotations
@@ -104,67 +105,257 @@ def selftest(tolerance: float = 1e-4) -> int:
     return 1 if failures else 0
 
 
-def quickstart(args: argparse.Namespace) -> int:
-    """Dense vs ``--method`` on a real offline model; user errors end with a one-line message, not a traceback."""
+def evaluate(args: argparse.Namespace) -> int:
+    """``hf-fastattn eval <task>``; bad input ends with a one-line message and exit code 2, not a traceback."""
+    from hf_fastattn.assets import AssetUnavailable
+    from hf_fastattn.evaluation.suite import DEFAULTS, run_eval
+
+    options = {name: getattr(args, name) for name in DEFAULTS[args.task]["cpu"] if name != "model"}
+    try:
+        result = run_eval(
+            args.task,
+            model=args.model,
+            methods=args.methods,
+            output_dir=args.out,
+            text=getattr(args, "text", "essays"),
+            text_file=getattr(args, "text_file", None),
+            seed=args.seed,
+            device=args.device,
+            dtype=args.dtype,
+            method_config=_method_config(args.config),
+            **options,
+        )
+    except (AssetUnavailable, ValueError, OSError, ImportError) as error:
+        return _user_error(f"eval {args.task}", error)
+    print(result["summary"])
+    print(f"\nresults, summary and plots written to {result['output_dir']}")
+    return 0
+
+
+def calibrate(args: argparse.Namespace) -> int:
+    """``hf-fastattn calibrate bsfa``: thresholds for a model, written as an artifact for ``thresholds=``."""
     import torch
 
-    import hf_fastattn  # noqa: F401  (registers the methods)
+    from hf_fastattn import ArtifactError
     from hf_fastattn.assets import AssetUnavailable
-    from hf_fastattn.assets.data import load_text
     from hf_fastattn.assets.models import load_model
-    from hf_fastattn.evaluation.quickstart import run_quickstart
+    from hf_fastattn.calibration import calibrate_bsfa
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     try:
-        text = load_text(args.text, "eval") if args.text_file is None else _read_text_file(args.text_file)
+        from hf_fastattn._io import check_writable
+
+        check_writable(args.out)
         model, tokenizer = load_model(args.model, dtype=dtype, device=device)
-        result = run_quickstart(
-            model, tokenizer, method=args.method, eval_text=text, output_dir=args.out,
-            context_lengths=args.context_lengths, depth_percents=args.depths, needles_per_cell=args.needles,
-            perplexity_context=args.ppl_context, perplexity_tokens=args.ppl_tokens, seed=args.seed,
+        calibration = calibrate_bsfa(
+            model, args.data, tokenizer=tokenizer, k=args.k, samples=args.samples, sequence_length=args.seq_len,
+            target_skip=args.target_skip, aggregate=args.aggregate, block_m=args.block_m, block_n=args.block_n,
+            output_dir=args.out,
         )  # fmt: skip
-    except (AssetUnavailable, KeyError, ValueError, OSError) as error:
-        print(f"hf-fastattn quickstart: {error}", file=sys.stderr)
-        return 2
-    print(result["summary"])
-    print(f"\nresults, heatmaps and summary written to {args.out}")
+    except (AssetUnavailable, ArtifactError, ValueError, TypeError, OSError) as error:
+        return _user_error("calibrate bsfa", error)
+    details = calibration.details
+    print(f"calibrated {details['samples']} x {details['sequence_length']} tokens of {details['data']} "
+          f"in {details['seconds']:.1f} s; tiles {calibration.block_m}x{calibration.block_n}")  # fmt: skip
+    for k, fraction in zip(calibration.k_values, _mean_skip(calibration)):
+        print(f"  k={k:<4} skips {fraction:6.1%} of skippable tiles on the calibration windows")
+    print(f"default k per layer: {sorted(set(calibration.layer_k.values()))}; artifact written to {args.out}")
     return 0
 
 
-def _read_text_file(path: str) -> str:
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    if not text.strip():
-        raise ValueError(f"text file {path} is empty")
-    return text
+def _mean_skip(calibration) -> list[float]:
+    per_layer = list(calibration.skip_fraction.values())
+    return [sum(values) / len(per_layer) for values in zip(*per_layer)]
+
+
+def _user_error(command: str, error: BaseException) -> int:
+    message = " ".join(str(error).split())  # one line, whatever the library wrote
+    print(f"hf-fastattn {command}: {message}", file=sys.stderr)
+    return 2
+
+
+def _method_config(items: list[str] | None) -> dict[str, dict]:
+    """``["bsfa.thresholds=DIR", "bsfa.k=16"]`` -> ``{"bsfa": {"thresholds": "DIR", "k": 16}}``."""
+    from hf_fastattn.evaluation.suite import split_label
+
+    config: dict[str, dict] = {}
+    for item in items or []:
+        method, dot, setting = item.partition(".")
+        if not dot or "=" not in setting:
+            raise ValueError(f"--config takes METHOD.KEY=VALUE, got {item!r}")
+        config.setdefault(method, {}).update(split_label(f"{method}:{setting}")[1])
+    return config
+
+
+def _add_calibrate_parser(commands) -> None:
+    calibration = commands.add_parser("calibrate", help="calibrate a method's per-layer state (BSFA thresholds)")
+    methods = calibration.add_subparsers(dest="method", required=True, metavar="{bsfa}")
+    bsfa = methods.add_parser(
+        "bsfa",
+        help="BSFA thresholds per (layer, head, query tile) from tile maxima on training text",
+        description="Calibrate BSFA thresholds on the training split (never the evaluation text) and save an "
+        "artifact for patch(model, 'bsfa', thresholds=DIR) or --config bsfa.thresholds=DIR.",
+    )
+    bsfa.add_argument("--model", default="smollm2", help="asset name, local folder or hub id (default: smollm2)")
+    bsfa.add_argument("--data", default="default", help="default (Austen train + Python docs), austen or pydocs")
+    bsfa.add_argument("--k", type=int, nargs="+", help="kept skippable tiles per query tile (default: 4 8 16 32 64)")
+    bsfa.add_argument("--target-skip", type=float, help="pick k per layer to skip this fraction of skippable tiles")
+    bsfa.add_argument("--samples", type=int, default=16, help="calibration windows (default: 16)")
+    bsfa.add_argument("--seq-len", type=int, help="tokens per window (default: the model's maximum, at most 8192)")
+    bsfa.add_argument("--aggregate", choices=["mean", "median"], default="mean")
+    bsfa.add_argument("--block-m", type=int, default=128, help="query tile rows (default: 128)")
+    bsfa.add_argument("--block-n", type=int, default=64, help="key tile columns (default: 64)")
+    bsfa.add_argument("--out", required=True, metavar="DIR", help="artifact folder (created)")
+    bsfa.add_argument("--device", help="default: cuda if available, else cpu")
+    bsfa.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (and exit code 2), like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _list_of(item_type):
+    """An argparse type for comma-separated values: ``256,512`` (several flags' values are also accepted)."""
+
+    def parse(text: str) -> list:
+        try:
+            return [item_type(item) for item in text.split(",") if item]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {item_type.__name__} values, got {text!r}"
+            ) from None
+
+    parse.__name__ = f"list of {item_type.__name__}"
+    return parse
+
+
+def _shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+class _Extend(argparse.Action):
+    """``--flag 256,512`` or ``--flag 256 512``: one flat list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [item for value in values for item in value])
+
+
+def _add_eval_parser(commands) -> None:
+    from hf_fastattn.evaluation.suite import DEFAULT_METHODS, DEFAULTS, TASKS
+
+    def default(task: str, name: str) -> str:
+        cpu, gpu = (_shown(DEFAULTS[task][kind][name]) for kind in ("cpu", "gpu"))
+        return f"default: {cpu}" if cpu == gpu else f"default: {cpu} on CPU, {gpu} on GPU"
+
+    def add_list(parser, flag: str, task: str, name: str, item_type, help: str) -> None:
+        parser.add_argument(
+            flag,
+            dest=name,
+            type=_list_of(item_type),
+            nargs="+",
+            action=_Extend,
+            metavar="NAME" if item_type is str else "N",
+            help=f"{help} ({default(task, name)})",
+        )
+
+    def add_value(parser, flag: str, task: str, name: str, value_type, help: str) -> None:
+        parser.add_argument(flag, dest=name, type=value_type, metavar="N", help=f"{help} ({default(task, name)})")
+
+    evaluation = commands.add_parser(
+        "eval",
+        help="methods side by side on one task: quality, density, time, memory; JSON, summary.md, plots",
+        description="Run one task with several attention methods on the same cases; with no task, niah.",
+    )
+    tasks = evaluation.add_subparsers(dest="task", metavar="{" + ",".join(TASKS) + "}")
+    helps = {
+        "niah": "needle-in-a-haystack grid (gkamradt): context length x depth",
+        "passkey": "passkey retrieval grid: context length x depth",
+        "ruler": "RULER-lite needle tasks (single, multikey, multivalue, multiquery), string_match_all",
+        "ppl": "perplexity on held-out text per context length, with position buckets",
+        "encoder": "encoder fidelity vs dense: MiniLM embeddings + retrieval, DINOv2 CLS/patch cosine, kNN",
+    }
+    for task in TASKS:
+        parser = tasks.add_parser(task, help=helps[task], description=helps[task])
+        models = "comma-separated models, at most one text and one vision" if task == "encoder" else "the model"
+        parser.add_argument(
+            "--model",
+            type=_list_of(str) if task == "encoder" else str,
+            metavar="NAME",
+            help=f"{models}: asset name (smollm2, minilm, dinov2-s), local folder or hub id ({default(task, 'model')})",
+        )
+        parser.add_argument(
+            "--methods",
+            type=_list_of(str),
+            nargs="+",
+            action=_Extend,
+            metavar="METHOD",
+            default=list(DEFAULT_METHODS),
+            help=f"dense/sdpa (the model's SDPA), eager, or fastattn_<method> (default: {_shown(DEFAULT_METHODS)})",
+        )
+        parser.add_argument(
+            "--config",
+            action="append",
+            metavar="METHOD.KEY=VALUE",
+            help="a setting for every label of METHOD, e.g. bsfa.thresholds=DIR (repeatable); per label: bsfa:k=16",
+        )
+        parser.add_argument("--out", metavar="DIR", help=f"output folder, created (default: eval_results/{task})")
+        if task != "passkey":
+            parser.add_argument("--text", default="essays", metavar="NAME", help="held-out text: essays or austen")
+            parser.add_argument("--text-file", metavar="PATH", help="a local UTF-8 text file instead of --text")
+        if task != "encoder":
+            add_list(parser, "--context-lengths", task, "context_lengths", int, "context lengths in tokens")
+        parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of every case (default: 0)")
+        parser.add_argument("--device", help="default: cuda if available, else cpu")
+        parser.add_argument(
+            "--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU"
+        )
+        if task == "niah":
+            add_list(parser, "--depths", task, "depth_percents", float, "needle depths in percent")
+            add_value(parser, "--needles", task, "needles_per_cell", int, "needles per grid cell")
+        elif task == "passkey":
+            add_list(parser, "--depths", task, "depths", float, "pass key depths as fractions in [0, 1]")
+            add_value(parser, "--trials", task, "trials", int, "pass keys per grid cell")
+        elif task == "ruler":
+            add_list(parser, "--tasks", task, "tasks", str, "RULER-lite tasks")
+            add_value(parser, "--samples", task, "samples", int, "samples per task and length")
+            add_value(parser, "--max-new-tokens", task, "max_new_tokens", int, "generated tokens (None: RULER's 128)")
+        elif task == "ppl":
+            add_value(parser, "--stride", task, "stride", int, "HF strided protocol step (None: non-overlapping)")
+            add_value(parser, "--bucket-size", task, "bucket_size", int, "positions per perplexity bucket")
+            add_value(parser, "--max-tokens", task, "max_tokens", int, "text tokens scored (None: the whole text)")
+        else:
+            add_value(parser, "--sentences", task, "sentences", int, "held-out sentences embedded")
+            add_value(parser, "--retrieval-documents", task, "retrieval_documents", int, "retrieval check size")
+            add_list(parser, "--image-sizes", task, "image_sizes", int, "DINOv2 fidelity image sizes in px")
+            add_value(parser, "--images", task, "images", int, "Fashion-MNIST test images per size")
+            add_value(parser, "--knn-image-size", task, "knn_image_size", int, "kNN image size in px")
+            add_value(parser, "--knn-train", task, "knn_train", int, "kNN training images")
+            add_value(parser, "--knn-test", task, "knn_test", int, "kNN test images")
+            add_value(parser, "--k", task, "k", int, "kNN neighbours")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hf-fastattn", description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _Parser(prog="hf-fastattn", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, device, registered methods and capabilities")
     check = commands.add_parser("selftest", help="tiny random models: each method vs eager attention")
     check.add_argument("--tolerance", type=float, default=1e-4, help="max abs error on fp32 hidden states")
-    demo = commands.add_parser("quickstart", help="dense vs a method on a real model: perplexity, needles, heatmaps")
-    demo.add_argument("--model", default="smollm2", help="asset name (smollm2), local folder or hub id")
-    demo.add_argument("--method", default="dense", help="hf_fastattn method to compare with dense attention")
-    demo.add_argument("--text", default="essays", help="held-out text asset (essays or austen)")
-    demo.add_argument("--text-file", help="a local UTF-8 text file instead of --text")
-    demo.add_argument("--out", default="quickstart_results", help="output folder (created)")
-    demo.add_argument("--context-lengths", type=int, nargs="+", default=[256, 512])
-    demo.add_argument("--depths", type=float, nargs="+", default=[0, 50, 100], help="needle depths in percent")
-    demo.add_argument("--needles", type=int, default=1, help="needles per grid cell")
-    demo.add_argument("--ppl-context", type=int, default=512, help="perplexity window length")
-    demo.add_argument("--ppl-tokens", type=int, default=2048, help="tokens of text scored for perplexity")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--device", help="default: cuda if available, else cpu")
-    demo.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
+    _add_eval_parser(commands)
+    _add_calibrate_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
-    if args.command == "quickstart":
-        return quickstart(args)
+    if args.command == "eval":
+        if args.task is None:  # `hf-fastattn eval` alone: the main job's task, on the default model and text
+            args = parser.parse_args([*argv, "niah"])
+        return evaluate(args)
+    if args.command == "calibrate":
+        return calibrate(args)
     return selftest(args.tolerance)
 
 

@@ -1,0 +1,11 @@
+"""Passkey retrieval grid, several attention methods side by side: ``python eval/passkey.py --methods dense,fastattn_dense``.
+
+A thin entry point: the same options and code as ``hf-fastattn eval passkey`` (see ``hf_fastattn/evaluation/suite.py``).
+"""
+
+import sys
+
+from hf_fastattn.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["eval", "passkey", *sys.argv[1:]]))
