@@ -186,7 +186,11 @@ def smollm2_rows(args) -> list[dict]:
         return []
     text = load_text("essays", "eval")
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"][:8192]], device=DEVICE)
-    return ttft_rows(model, ids, {"thresholds": args.smollm2_thresholds}, "SmolLM2-135M")
+    config = {"thresholds": args.smollm2_thresholds}
+    if args.smollm2_setting:
+        key, _, value = args.smollm2_setting.partition("=")
+        config[key] = int(value) if value.isdigit() else value
+    return ttft_rows(model, ids, config, f"SmolLM2-135M {args.smollm2_setting or 'k=layer'}")
 
 
 def render(report: dict) -> str:
@@ -236,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block-m", type=int, default=128)
     parser.add_argument("--block-n", type=int, default=64)
     parser.add_argument("--no-ttft", action="store_true", help="kernel rows only")
+    parser.add_argument("--smollm2-setting", default="", help="e.g. k=16 (default: the artifact's per-layer k)")
     parser.add_argument("--smollm2-thresholds", help="calibration artifact for the SmolLM2 TTFT rows")
     parser.add_argument("--ttft-skip", type=float, default=0.5, help="per-layer skip target of the 8B-shape model")
     parser.add_argument("--llama-layers", type=int, default=4)

@@ -10,8 +10,8 @@ Configuration (``patch(model, "bsfa", ...)``):
 * ``thresholds``: a calibration artifact directory (from :func:`hf_fastattn.calibrate_bsfa` or
   ``hf-fastattn calibrate bsfa``), a :class:`~hf_fastattn.calibration.bsfa.BsfaCalibration`, or one number (natural-log
   units of scaled scores) for every layer, head and position. Required.
-* ``k``: which calibrated k (kept non-diagonal tiles per query tile) to use; default the artifact's (per layer in
-  target-skip mode).
+* ``k``: which calibrated k (kept skippable tiles per query tile) to use for every layer, or ``"layer"`` (the
+  default) for each layer's own calibrated choice (in target-skip mode, the k that reaches the target there).
 * ``block_m``, ``block_n``: the tile shape (default 128 x 64). Thresholds are calibrated for one tile shape: an
   artifact made for another is refused.
 * ``min_query_len``: queries shorter than this run dense (default ``block_m``).
@@ -99,8 +99,17 @@ def bsfa_statistics(state: LayerState) -> dict:
     }
 
 
+# Settings a user may pass, and those an artifact's saved layer config carries back through load_state.
+_USER_KEYS = {"thresholds", "k", "block_m", "block_n", "min_query_len"}
+_SAVED_KEYS = {"k_values", "source", "threshold"}
+
+
 def _prepare(model, states: list[LayerState]) -> None:
     """Install each layer's threshold table from the ``thresholds`` configuration and check the tile shape."""
+    for state in states:
+        unknown = sorted(set(state.config) - _USER_KEYS - _SAVED_KEYS)
+        if unknown:
+            raise ValueError(f"unknown fastattn_bsfa setting(s) {unknown}; valid: {sorted(_USER_KEYS)}")
     # Layers usually share one source: read an artifact once.
     sources = {id(state.config.get("thresholds")): state.config.get("thresholds") for state in states}
     loaded = {key: _load_tables(model, source) for key, source in sources.items() if source is not None}
@@ -132,7 +141,8 @@ def _prepare(model, states: list[LayerState]) -> None:
         if layer is None:
             raise _artifact_error(f"the BSFA thresholds have no table for attention layer {state.layer_index}")
         k_values = layer["k_values"]
-        k = config.get("k", layer["k"])
+        k = config.get("k", "layer")
+        k = layer["k"] if k == "layer" else k
         if k not in k_values:
             raise ValueError(f"k={k} was not calibrated for layer {state.layer_index}; calibrated k: {k_values}")
         table = layer["table"]
