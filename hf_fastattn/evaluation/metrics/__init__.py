@@ -29,4 +29,6 @@ def load_metric(name: str):
         raise ValueError(f"unknown metric {name!r}; available metrics: {', '.join(names)}")
     import evaluate
 
-    return evaluate.load(str(_FOLDER / name), keep_in_memory=True)
+    # Not keep_in_memory: an in-memory Arrow table is fingerprinted by pickling it, which fails with dill on Python
+    # 3.12 (pyarrow's MonthDayNano); a cache file is fingerprinted by its path.
+    return evaluate.load(str(_FOLDER / name))
