@@ -35,8 +35,8 @@ for step in "$@"; do
            --config "$bsfa_config" --out "$work/ppl" ;;
     niah) $cli eval niah --model smollm2 --methods dense,bsfa:k=64,bsfa:k=32 --config "$bsfa_config" \
             --out "$work/niah" ;;
-    ruler) $cli eval ruler --model smollm2 --methods dense,bsfa:k=64,bsfa:k=32 --config "$bsfa_config" \
-             --tasks niah_single_2,niah_multikey_1,niah_multivalue,niah_multiquery --samples 8 --out "$work/ruler" ;;
+    ruler) $cli eval ruler --model smollm2 --methods dense,bsfa:k=32 --config "$bsfa_config" --samples 4 \
+             --tasks niah_single_2,niah_multikey_1,niah_multivalue,niah_multiquery --out "$work/ruler" ;;
     bench) python benchmarks/bench_bsfa.py --smollm2-thresholds "$artifact" --smollm2-setting k=64 --out-dir "$work" ;;
     *) echo "unknown step $step (calibrate ppl niah ruler bench)" >&2; exit 2 ;;
   esac

@@ -30,3 +30,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def real_model_on_cpu(monkeypatch):
+    """End-to-end runs of real models: the PyTorch reference path, and one intra-op thread.
+
+    Interpreting the Triton kernels through SmolLM2's 30 layers would take minutes per forward (the kernels are tested
+    against the reference elsewhere). pytest-xdist runs a worker per core, so more threads per worker oversubscribe the
+    cores, and CPU generation (thousands of tiny ops) then stalls at every parallel region: 8x slower measured on 2
+    busy cores.
+    """
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

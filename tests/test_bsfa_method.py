@@ -133,10 +133,14 @@ def test_high_threshold_skips_tiles_as_the_reference(monkeypatch):
         assert layer["statistics"]["skip_fraction_per_head"] == [1.0] * HEADS
     assert (got[valid] - logits(reference, ids, mask)[valid]).abs().max() > 1e-3, "skipping should change the output"
 
-    # The same layers through bsfa_attention_reference (the dispatcher's path where Triton cannot run).
+    # The same layers through bsfa_attention_reference (the dispatcher's path where Triton cannot run); the counts
+    # accumulate over calls until reset.
     monkeypatch.setattr(hf_fastattn.dispatch, "triton_supports", lambda device: False)
-    reset_attention_statistics(model)
     torch.testing.assert_close(logits(model, ids, mask)[valid], got[valid], **TOL)
+    assert bsfa_tiles(model) == [{name: 2 * count for name, count in per_layer.items()}] * LAYERS
+    reset_attention_statistics(model)
+    assert attention_summary(model)["density"] is None
+    logits(model, ids, mask)
     assert bsfa_tiles(model) == [per_layer] * LAYERS
 
 
@@ -293,6 +297,12 @@ def test_bad_thresholds_are_refused_at_patch_time(thresholds, error, message):
     with pytest.raises(error, match=message):
         hf_fastattn.patch(model, "bsfa", thresholds=thresholds, block_m=BLOCK, block_n=BLOCK)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_unknown_setting_is_refused():
+    _, model = model_pair()
+    with pytest.raises(ValueError, match=r"unknown fastattn_bsfa setting\(s\) \['blok_n'\]"):
+        hf_fastattn.patch(model, "bsfa", thresholds=0.0, block_m=BLOCK, blok_n=BLOCK)
 
 
 @pytest.mark.parametrize("block", [24, 8])

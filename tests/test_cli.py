@@ -18,10 +18,7 @@ from hf_fastattn.assets.cache import AssetUnavailable
 from hf_fastattn.assets.models import load_model
 from hf_fastattn.evaluation import suite
 
-
-@pytest.fixture(autouse=True)
-def reference_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("real_model_on_cpu")  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -115,6 +115,12 @@ def calibrate_bsfa(
         raise ValueError(f"k counts kept tiles and must be >= 1, got {k_values}")
     if sequence_length is None:
         sequence_length = min(getattr(model.config, "max_position_embeddings", 8192) or 8192, 8192)
+    if sequence_length < block_m:
+        # Shorter prefills run the dense kernel (min_query_len = block_m): no tile maximum would ever be recorded.
+        raise ValueError(
+            f"sequence_length={sequence_length} is shorter than one query tile (block_m={block_m}): BSFA only runs on "
+            "prefills of at least block_m tokens; calibrate on longer windows or with a smaller block_m"
+        )
     start = time.perf_counter()
     windows, source = token_windows(dataset, tokenizer, samples=samples, length=sequence_length)
     device = next(model.parameters()).device

@@ -807,7 +807,7 @@ def _save_plots(task: str, rows: list[dict], records: dict, output_dir: Path) ->
             title = f"Needle in a haystack: {label}"
             if baseline is not None and label != baseline:
                 title += f" ({baseline}: {grids[baseline]['mean_score']:.2f})"
-            file_label = re.sub(r"[^\w.=-]+", "_", label)  # settings may hold paths
+            file_label = re.sub(r"[^\w.-]+", "_", label)  # settings may hold paths and '='; keep names portable
             save_heatmap(grid, output_dir / f"needle_{file_label}.png", title=title)
     if task == "ppl":
         save_perplexity_plot(rows, output_dir / "perplexity_vs_context.png")

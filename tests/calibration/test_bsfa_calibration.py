@@ -235,13 +235,16 @@ def test_unreachable_target_warns_and_keeps_fewest(caplog):
         ({"k": 0}, "k counts kept tiles and must be >= 1"),
         ({"k": [4, -1]}, "k counts kept tiles and must be >= 1"),
         ({"samples": 4}, "fewer than samples x length"),
+        ({"sequence_length": 15, "block_m": 16}, "sequence_length=15 is shorter than one query tile"),
+        ({"block_m": 128}, f"sequence_length={SEQ} is shorter than one query tile \\(block_m=128\\)"),
     ],
-    ids=["aggregate", "target-high", "target-zero", "k-zero", "k-negative", "too-few-tokens"],
+    ids=["aggregate", "target-high", "target-zero", "k-zero", "k-negative", "too-few-tokens", "short", "long-tile"],
 )
 def test_calibrate_argument_errors(kwargs, message):
     model = tiny_llama()
+    base = {"samples": 1, "sequence_length": SEQ, "block_m": BLOCK, "block_n": BLOCK, "progress": False}
     with pytest.raises(ValueError, match=message):
-        calibrate_bsfa(model, IDS, **{"samples": 1, "sequence_length": SEQ, "progress": False, **kwargs})
+        calibrate_bsfa(model, IDS, **{**base, **kwargs})
     assert hf_fastattn.layer_states(model) == []
 
 
@@ -285,9 +288,11 @@ def test_artifact_round_trip(single):
         torch.testing.assert_close(run(other), expected, atol=0, rtol=0)
         assert attention_summary(other)["density"] == expected_density
 
-    # Another calibrated k from the same artifact.
+    # Another calibrated k from the same artifact, for every layer; k="layer" is each layer's own (the default).
     k4 = hf_fastattn.patch(tiny_llama(), "bsfa", thresholds=directory, k=4)
     assert all(torch.equal(s.thresholds, calibration.tables[s.layer_index][2]) for s in hf_fastattn.layer_states(k4))
+    own = hf_fastattn.patch(tiny_llama(), "bsfa", thresholds=directory, k="layer")
+    assert [s.config["k"] for s in hf_fastattn.layer_states(own)] == [calibration.layer_k[i] for i in range(LAYERS)]
 
 
 def test_artifact_for_another_model_is_refused(single):

@@ -22,9 +22,7 @@ METHODS = ["dense", "fastattn_dense"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def reference_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("real_model_on_cpu")  # see tests/conftest.py
 
 
 def _load_or_skip(name: str):
