@@ -9,6 +9,7 @@ Importing the package registers every method with transformers as ``fastattn_<me
 
 from ._version import __version__
 from .artifacts import ArtifactError, load_state, save_state
+from .calibration import BsfaCalibration, calibrate_bsfa
 from .capabilities import Capabilities, MethodSpec
 from .patch import attention_modules, layer_states, patch, unpatch, use
 from .registry import get_method, list_methods, register_all
@@ -17,10 +18,12 @@ register_all()
 
 __all__ = [
     "ArtifactError",
+    "BsfaCalibration",
     "Capabilities",
     "MethodSpec",
     "__version__",
     "attention_modules",
+    "calibrate_bsfa",
     "get_method",
     "layer_states",
     "list_methods",

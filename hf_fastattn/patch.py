@@ -58,6 +58,7 @@ def patch(
     if unknown:
         raise ValueError(f"layer indices {unknown} out of range: the model has {len(modules)} attention layers")
 
+    previous_states = [getattr(module, STATE_ATTRIBUTE, None) for module in modules]
     for index, module in enumerate(modules):
         spec, layer_config = default_spec, dict(config)
         if index in layers:
@@ -71,8 +72,17 @@ def patch(
         setattr(module, STATE_ATTRIBUTE, state)
 
     states = layer_states(model)
-    for spec in {state.spec for state in states if state.spec is not None and state.spec.prepare is not None}:
-        spec.prepare(model, [state for state in states if state.spec is spec])
+    try:
+        for spec in {state.spec for state in states if state.spec is not None and state.spec.prepare is not None}:
+            spec.prepare(model, [state for state in states if state.spec is spec])
+    except Exception:
+        # A bad configuration (e.g. unreadable thresholds) leaves the model exactly as it was.
+        for module, state in zip(modules, previous_states):
+            if state is None:
+                delattr(module, STATE_ATTRIBUTE)
+            else:
+                setattr(module, STATE_ATTRIBUTE, state)
+        raise
 
     if not hasattr(model, _PREVIOUS_IMPLEMENTATION):
         setattr(model, _PREVIOUS_IMPLEMENTATION, model.config._attn_implementation)

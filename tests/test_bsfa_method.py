@@ -311,3 +311,19 @@ def test_bad_tile_shape_is_refused_at_call_time(block):
     hf_fastattn.patch(model, "bsfa", thresholds=0.0, block_m=BLOCK, block_n=block)
     with pytest.raises(ValueError, match=f"block_n must be a power of two >= 16, got {block}"):
         logits(model, *prompt(seq=BLOCK))
+
+
+def test_failed_prepare_leaves_the_model_as_it_was():
+    """A bad BSFA configuration raises and keeps the previous patch (states and implementation) untouched."""
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+    hf_fastattn.patch(model, "dense")
+    before = hf_fastattn.layer_states(model)
+    with pytest.raises(TypeError):
+        hf_fastattn.patch(model, "bsfa", thresholds=[0.5])
+    assert hf_fastattn.layer_states(model) == before
+    assert [state.method for state in hf_fastattn.layer_states(model)] == ["dense", "dense"]
+    assert model.config._attn_implementation == "fastattn_dense"
