@@ -101,6 +101,8 @@ class MethodSpec:
     fallback: str = "sdpa"
     prepare: Callable[..., None] | None = None
     statistics: Callable[..., dict] | None = None
+    # ``hf-fastattn selftest`` patches with this configuration, chosen so the result must equal exact attention.
+    selftest_config: dict = field(default_factory=dict)
 
     @property
     def registered_name(self) -> str:

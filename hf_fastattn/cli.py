@@ -84,6 +84,8 @@ def selftest(tolerance: float = 1e-4) -> int:
             reference = auto_class.from_config(copy.deepcopy(config), attn_implementation="eager").eval()
             patched = auto_class.from_config(copy.deepcopy(config), attn_implementation=spec.registered_name).eval()
             patched.load_state_dict(reference.state_dict())
+            if spec.selftest_config:  # e.g. BSFA: thresholds that keep every tile, tiles small enough to run it
+                hf_fastattn.patch(patched, spec.name, **spec.selftest_config)
             assert patched.config._attn_implementation == spec.registered_name
             assert reference.config._attn_implementation == "eager"
             with torch.no_grad():

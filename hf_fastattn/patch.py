@@ -73,7 +73,8 @@ def patch(
 
     states = layer_states(model)
     try:
-        for spec in {state.spec for state in states if state.spec is not None and state.spec.prepare is not None}:
+        specs = {state.spec.name: state.spec for state in states if state.spec is not None}
+        for spec in (spec for spec in specs.values() if spec.prepare is not None):
             spec.prepare(model, [state for state in states if state.spec is spec])
     except Exception:
         # A bad configuration (e.g. unreadable thresholds) leaves the model exactly as it was.

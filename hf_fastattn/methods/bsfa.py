@@ -211,6 +211,8 @@ SPEC = MethodSpec(
     capabilities=Capabilities(head_dims=SUPPORTED_HEAD_DIMS, dtypes=SUPPORTED_DTYPES, backward=False),
     prepare=_prepare,
     statistics=bsfa_statistics,
+    # -inf keeps every tile, so the kernel must reproduce exact attention; 16-row tiles make the 19-token inputs run it.
+    selftest_config={"thresholds": float("-inf"), "block_m": 16, "block_n": 16},
 )
 
 mask_builder = fastattn_mask
