@@ -136,18 +136,15 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def calibrate(args: argparse.Namespace) -> int:
     """``hf-fastattn calibrate bsfa``: thresholds for a model, written as an artifact for ``thresholds=``."""
-    import torch
-
     from hf_fastattn import ArtifactError
+    from hf_fastattn._io import check_writable
     from hf_fastattn.assets import AssetUnavailable
-    from hf_fastattn.assets.models import load_model
+    from hf_fastattn.assets.models import load_model, resolve_device, resolve_dtype
     from hf_fastattn.calibration import calibrate_bsfa
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     try:
-        from hf_fastattn._io import check_writable
-
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
         check_writable(args.out)
         model, tokenizer = load_model(args.model, dtype=dtype, device=device)
         calibration = calibrate_bsfa(

@@ -124,6 +124,30 @@ def load_model(
     return model.eval(), tokenizer
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """``device`` as a torch device (default: cuda if available, else cpu); ValueError if unusable."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {device!r}: {error}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``dtype`` by name (default: bf16 on a GPU, fp32 on a CPU); ValueError for anything else."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
 def model_max_length(model) -> int | None:
     """The number of positions the model supports (``max_position_embeddings`` of its text config), if it has one."""
     config = model.config

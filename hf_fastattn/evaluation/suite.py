@@ -40,7 +40,7 @@ import hf_fastattn
 
 from .._io import check_writable
 from ..assets.data import load_fashion_mnist, load_text
-from ..assets.models import load_model, model_max_length
+from ..assets.models import load_model, model_max_length, resolve_device, resolve_dtype
 from ..patch import use
 from .fidelity import _prefix_tokens, embedding_fidelity, knn_fidelity, vision_fidelity
 from .perplexity import perplexity
@@ -199,7 +199,7 @@ def run_eval(
     """
     _check_task(task)
     labels = _check_methods(methods)
-    device = _device(device)
+    device = resolve_device(device)
     settings = default_options(task, device)
     unknown = sorted(set(options) - set(settings))
     if unknown:
@@ -210,7 +210,7 @@ def run_eval(
     settings["method_config"] = {
         name.removeprefix("fastattn_"): dict(cfg) for name, cfg in (method_config or {}).items()
     }
-    dtype = _dtype(dtype, device)
+    dtype = resolve_dtype(dtype, device)
     output_dir = check_writable(output_dir or Path("eval_results") / task)
 
     run = _run_encoder if task == "encoder" else functools.partial(_run_causal, task)
@@ -703,28 +703,6 @@ def _describe_models(model) -> str | list[str]:
         module = model[0]
         return f"{type(module).__name__} ({getattr(module.config, '_name_or_path', '') or 'in memory'})"
     return os.fspath(model)
-
-
-def _device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as error:
-        raise ValueError(f"unknown device {device!r}: {error}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
-    return resolved
-
-
-def _dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    return getattr(torch, dtype)
 
 
 def _device_name(model: nn.Module) -> str:

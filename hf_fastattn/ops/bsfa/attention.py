@@ -13,7 +13,13 @@ import torch
 import triton
 
 from .._runtime import autotune_enabled, interpreter_enabled, next_power_of_2, patch_interpreter_bf16
-from ..dense.attention import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+from ..dense.attention import (
+    SUPPORTED_DTYPES,
+    SUPPORTED_HEAD_DIMS,
+    check_attention_inputs,
+    key_padding_arg,
+    unit_last_stride,
+)
 from .fwd import _bsfa_fwd_kernel
 
 DEFAULT_BLOCK_M = 128
@@ -52,7 +58,7 @@ _tuned = triton.autotune(
 
 def bsfa_fwd(q, k, v, key_padding, thresholds, causal: bool, scale: float, block_m: int, block_n: int, record: bool):
     """Launch the kernel; see :class:`BsfaResult`. ``tile_max`` is an empty tensor when ``record`` is False."""
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))
     batch, num_q_heads, seq_q, head_dim = q.shape
     num_kv_heads, seq_k = k.shape[1], k.shape[2]
     num_m_tiles, num_n_tiles = triton.cdiv(seq_q, block_m), triton.cdiv(seq_k, block_n)
@@ -65,10 +71,7 @@ def bsfa_fwd(q, k, v, key_padding, thresholds, causal: bool, scale: float, block
         )
     else:
         tile_max = torch.empty(0, device=q.device, dtype=torch.float32)
-    if key_padding is None:
-        kpad, stride_kpad = q.new_empty(1, dtype=torch.uint8), 0
-    else:
-        kpad, stride_kpad = key_padding, key_padding.stride(0)
+    kpad, stride_kpad = key_padding_arg(key_padding, q)
     thresholds = thresholds.to(device=q.device, dtype=torch.float32).contiguous()
 
     args = (
@@ -128,11 +131,8 @@ def _(q, k, v, key_padding, thresholds, causal, scale, block_m, block_n, record)
 
 
 def check_bsfa_inputs(q, k, v, thresholds, key_padding, scale, block_m, block_n):
-    """Validated ``(thresholds (H_q, P) fp32, key_padding (B, S_kv) uint8 or None, scale)``; raises ValueError."""
-    if q.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"expected q (B, Hq, Sq, D) and k, v (B, Hkv, Skv, D); got {tuple(q.shape)}, {tuple(k.shape)}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    """Validated ``(thresholds (H_q, P) fp32, key_padding (B, S_kv) bool or None, scale)``; raises ValueError."""
+    key_padding, scale = check_attention_inputs(q, k, v, key_padding, scale, "BSFA")
     thresholds = torch.as_tensor(thresholds, dtype=torch.float32, device=q.device)
     if thresholds.dim() == 0:
         thresholds = thresholds.expand(q.shape[1], 1)
@@ -146,15 +146,6 @@ def check_bsfa_inputs(q, k, v, thresholds, key_padding, scale, block_m, block_n)
     for name, block in (("block_m", block_m), ("block_n", block_n)):
         if block < 16 or block & (block - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {block}")
-    if key_padding is not None:
-        if key_padding.shape != (k.shape[0], k.shape[2]):
-            raise ValueError(
-                f"key_padding must be (B, S_kv) = {(k.shape[0], k.shape[2])}, got {tuple(key_padding.shape)}"
-            )
-        key_padding = (key_padding if key_padding.dtype == torch.bool else key_padding != 0).contiguous()
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not scale > 0.0:
-        raise ValueError(f"BSFA needs a positive softmax scale (tile maxima are taken before scaling), got {scale}")
     return thresholds, key_padding, scale
 
 

@@ -11,11 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..dense.naive import visible_keys
+from ..dense.naive import CHUNK_ELEMENTS, visible_keys
 from .attention import DEFAULT_BLOCK_M, DEFAULT_BLOCK_N, BsfaResult, check_bsfa_inputs
-
-# Score elements materialised per chunk (fp32): 2^26 elements = 256 MiB.
-_CHUNK_ELEMENTS = 1 << 26
 
 
 def tile_geometry(
@@ -59,7 +56,7 @@ def bsfa_attention_reference(
     q5 = q.float().reshape(batch, num_kv_heads, group, seq_q, head_dim)
     k4, v4 = k.float()[:, :, None], v.float()[:, :, None]
     tau = thresholds.reshape(num_kv_heads, group, -1)
-    tiles_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * num_q_heads * seq_k * block_m))
+    tiles_per_chunk = max(1, CHUNK_ELEMENTS // max(1, batch * num_q_heads * seq_k * block_m))
 
     outs, lses, stats, tile_maxima = [], [], [], []
     for first_tile in range(0, num_m_tiles, tiles_per_chunk):

@@ -62,11 +62,11 @@ def _launch(kernel, tuned, tiles, grid, *args, **meta):
         kernel[grid(blocks)](*args, **meta, **blocks, num_warps=warps, num_stages=stages)
 
 
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _key_padding_arg(key_padding: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int]:
+def key_padding_arg(key_padding: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(pointer tensor, batch stride); a 1-element dummy when there is no padding mask."""
     if key_padding is None:
         return like.new_empty(1, dtype=torch.uint8), 0
@@ -75,13 +75,13 @@ def _key_padding_arg(key_padding: torch.Tensor | None, like: torch.Tensor) -> tu
 
 def dense_fwd(q, k, v, key_padding, causal: bool, scale: float):
     """Launch the forward kernel; returns ``out`` (same layout as HF's ``(B, S_q, H_q, D)`` buffer) and fp32 LSE."""
-    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))
     batch, num_q_heads, seq_q, head_dim = q.shape
     num_kv_heads, seq_k = k.shape[1], k.shape[2]
     # Allocated as (B, S_q, H_q, D) so HF's transpose(1, 2).contiguous() afterwards is free.
     out = torch.empty(batch, seq_q, num_q_heads, head_dim, device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty(batch, num_q_heads, seq_q, device=q.device, dtype=torch.float32)
-    kpad, stride_kpad = _key_padding_arg(key_padding, q)
+    kpad, stride_kpad = key_padding_arg(key_padding, q)
 
     def grid(meta):
         return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * num_q_heads)
@@ -103,11 +103,11 @@ def dense_fwd(q, k, v, key_padding, causal: bool, scale: float):
 
 def dense_bwd(dout, q, k, v, out, lse, key_padding, causal: bool, scale: float):
     """Launch the three backward kernels; returns dq, dk, dv in the inputs' dtype."""
-    dout, q, k, v, out = (_unit_last_stride(t) for t in (dout, q, k, v, out))
+    dout, q, k, v, out = (unit_last_stride(t) for t in (dout, q, k, v, out))
     batch, num_q_heads, seq_q, head_dim = q.shape
     num_kv_heads, seq_k = k.shape[1], k.shape[2]
     block_d = next_power_of_2(head_dim)
-    kpad, stride_kpad = _key_padding_arg(key_padding, q)
+    kpad, stride_kpad = key_padding_arg(key_padding, q)
     seq_k_bucket = min(next_power_of_2(seq_k), 1 << 16)
     meta = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "CAUSAL": causal, "HAS_KEY_PADDING": key_padding is not None}
 
@@ -199,6 +199,26 @@ def _backward(ctx, dout, dlse):
 _dense_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def check_attention_inputs(q, k, v, key_padding, scale, caller: str) -> tuple[torch.Tensor | None, float]:
+    """Shared input checks of the attention ops: shapes, GQA, a ``(B, S_kv)`` key-padding mask (returned as a
+    contiguous bool tensor) and a positive softmax scale (default ``D ** -0.5``); raises ValueError."""
+    if q.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"expected q (B, Hq, Sq, D) and k, v (B, Hkv, Skv, D); got {tuple(q.shape)}, {tuple(k.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if key_padding is not None:
+        if key_padding.shape != (k.shape[0], k.shape[2]):
+            raise ValueError(
+                f"key_padding must be (B, S_kv) = {(k.shape[0], k.shape[2])}, got {tuple(key_padding.shape)}"
+            )
+        key_padding = (key_padding if key_padding.dtype == torch.bool else key_padding != 0).contiguous()
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not scale > 0.0:
+        # The kernels take the row maximum before scaling (max(s) * scale), which holds only for a positive scale.
+        raise ValueError(f"{caller} needs a positive softmax scale, got {scale}")
+    return key_padding, scale
+
+
 def dense_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -214,20 +234,7 @@ def dense_attention(
     ``key_padding`` is an optional ``(B, S_kv)`` mask, True/non-zero = attend. ``causal`` is bottom-right aligned.
     Rows that see no key give zeros (LSE ``-inf``).
     """
-    if q.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"expected q (B, Hq, Sq, D) and k, v (B, Hkv, Skv, D); got {tuple(q.shape)}, {tuple(k.shape)}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
-    if key_padding is not None:
-        if key_padding.shape != (k.shape[0], k.shape[2]):
-            raise ValueError(
-                f"key_padding must be (B, S_kv) = {(k.shape[0], k.shape[2])}, got {tuple(key_padding.shape)}"
-            )
-        key_padding = (key_padding if key_padding.dtype == torch.bool else key_padding != 0).contiguous()
-        key_padding = key_padding.view(torch.uint8)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not scale > 0.0:
-        # The kernels take the row maximum before scaling (max(s) * scale), which holds only for a positive scale.
-        raise ValueError(f"dense_attention needs a positive softmax scale, got {scale}")
+    key_padding, scale = check_attention_inputs(q, k, v, key_padding, scale, "dense_attention")
+    key_padding = None if key_padding is None else key_padding.view(torch.uint8)
     out, lse = _dense_fwd_op(q, k, v, key_padding, bool(causal), scale)
     return (out, lse) if return_lse else out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 # Score elements materialised per chunk (fp32): 2^26 elements = 256 MiB.
-_CHUNK_ELEMENTS = 1 << 26
+CHUNK_ELEMENTS = 1 << 26
 
 
 def visible_keys(
@@ -47,7 +47,7 @@ def dense_attention_reference(
     q5 = q.to(compute_dtype).reshape(batch, num_kv_heads, group, seq_q, head_dim)
     k4 = k.to(compute_dtype)[:, :, None]
     v4 = v.to(compute_dtype)[:, :, None]
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * num_q_heads * seq_k))
+    rows_per_chunk = max(1, CHUNK_ELEMENTS // max(1, batch * num_q_heads * seq_k))
 
     outs, lses = [], []
     for start in range(0, seq_q, rows_per_chunk):
