@@ -16,12 +16,20 @@ MASK_BLOCK_MASK = "block_mask"
 MASK_OTHER = "other"
 
 
+# The per-layer ``decode`` setting every method accepts: a decode-kernel strategy, or "off" (the method's own kernel).
+DECODE_SETTINGS = ("auto", "single", "split", "streamk", "off")
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """Inputs a method's kernel computes exactly; anything else goes to the method's fallback.
 
     ``dtypes`` apply to CUDA tensors. On the CPU (Triton interpreter or the PyTorch reference) every floating dtype
     is accepted, because both compute in the input precision or higher.
+
+    ``decode``: short causal queries (decode steps, up to ``hf_fastattn.ops.decode.DECODE_MAX_QUERY`` rows) run the
+    shared decode kernels (single-pass, split-KV or stream-K, :mod:`hf_fastattn.ops.decode`) instead of the method's
+    own kernel, with the strategy chosen per layer by the ``decode`` setting.
     """
 
     causal: bool = True
@@ -87,6 +95,8 @@ class MethodSpec:
     ``kernel`` and ``reference`` take ``(query, key, value, *, causal, scale, key_padding, state)`` in HF's
     ``(B, H, S, D)`` layout and return the output in the same layout.
 
+    ``decode_strategy`` is the default ``decode`` setting of the method's layers (see :data:`DECODE_SETTINGS`).
+
     ``prepare(model, states)``, when given, runs at patch time for the layers assigned to this method (load
     thresholds, create gates) and raises on a bad configuration. ``statistics(state)``, when given, returns what the
     layer realised since it was patched, at least ``{"density": fraction of attention work done}`` (None until the
@@ -99,10 +109,16 @@ class MethodSpec:
     reference: Callable[..., torch.Tensor]
     capabilities: Capabilities = field(default_factory=Capabilities)
     fallback: str = "sdpa"
+    decode_strategy: str = "auto"
     prepare: Callable[..., None] | None = None
     statistics: Callable[..., dict] | None = None
     # ``hf-fastattn selftest`` patches with this configuration, chosen so the result must equal exact attention.
     selftest_config: dict = field(default_factory=dict)
+
+    @property
+    def default_decode(self) -> str:
+        """The decode setting of a layer that does not choose one (or runs without a state)."""
+        return self.decode_strategy if self.capabilities.decode else "off"
 
     @property
     def registered_name(self) -> str:

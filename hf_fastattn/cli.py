@@ -67,6 +67,17 @@ def _tiny_models():
     return [("llama", AutoModelForCausalLM, llama, ids, mask), ("bert", AutoModel, bert, ids, mask.flip(-1))]
 
 
+def _last_hidden(model, ids, mask):
+    return model(ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+
+
+def _cached_step_hidden(model, ids, mask):
+    """Hidden states of the last two tokens, fed as one step after a cached prefill of the others."""
+    prefill = model(ids[:, :-2], attention_mask=mask[:, :-2], use_cache=True)
+    step = model(ids[:, -2:], attention_mask=mask, past_key_values=prefill.past_key_values, output_hidden_states=True)
+    return step.hidden_states[-1]
+
+
 def selftest(tolerance: float = 1e-4) -> int:
     """Compare each method with eager on the current path; on a CPU-only machine also on the interpreted kernels."""
     import torch
@@ -88,16 +99,18 @@ def selftest(tolerance: float = 1e-4) -> int:
                 hf_fastattn.patch(patched, spec.name, **spec.selftest_config)
             assert patched.config._attn_implementation == spec.registered_name
             assert reference.config._attn_implementation == "eager"
-            with torch.no_grad():
-                expected = reference(ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
-                actual = patched(ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
-            valid = mask.bool()
-            error = (expected - actual)[valid].abs().max().item()
-            ok = error <= tolerance
-            failures += not ok
-            print(
-                f"{spec.registered_name:<16} {arch:<6} max |fastattn - eager| = {error:.2e}  {'ok' if ok else 'FAIL'}"
-            )
+            checks = {"forward": (_last_hidden, mask.bool())}
+            if arch == "llama":  # causal: also two cached decode steps, which run the shared decode kernels
+                checks["decode"] = (_cached_step_hidden, mask[:, -2:].bool())
+            for check, (run, valid) in checks.items():
+                with torch.no_grad():
+                    error = (run(reference, ids, mask) - run(patched, ids, mask))[valid].abs().max().item()
+                ok = error <= tolerance
+                failures += not ok
+                print(
+                    f"{spec.registered_name:<16} {arch:<6} {check:<8} max |fastattn - eager| = {error:.2e}  "
+                    f"{'ok' if ok else 'FAIL'}"
+                )
     if on_cpu_reference:
         # Triton decides compiled vs interpreted when kernels are defined, so the interpreted run is a new process.
         sys.stdout.flush()

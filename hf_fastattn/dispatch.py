@@ -11,7 +11,10 @@ Routing, in order:
    method's fallback, SDPA by default, with one logged warning per (method, reason).
 3. The tensors are on a device the Triton kernels cannot run on (CPU without ``TRITON_INTERPRET=1``): the method's
    plain-PyTorch reference, with one logged warning.
-4. Otherwise the Triton kernel.
+4. A decode step (causal, at most ``DECODE_MAX_QUERY`` queries after a cached prefix, no gradient) of a layer whose ``decode`` setting is
+   not ``"off"``: the shared decode kernels (:mod:`hf_fastattn.ops.decode`), whatever the method. Decode attends to
+   the whole cache, so every method's decode is exact attention.
+5. Otherwise the method's Triton kernel.
 
 Causality comes from the ``is_causal`` keyword when given, else the module's ``is_causal``; it is never inferred from a
 missing mask, and is aligned bottom-right when ``S_q < S_kv``.
@@ -27,6 +30,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from .capabilities import MASK_BOOL_4D, MASK_KEY_PADDING, MASK_NONE, MethodSpec
 from .masks import classify_mask
 from .ops._runtime import triton_supports
+from .ops.decode import DECODE_MAX_QUERY, decode_attention
 from .ops.dense.naive import visible_keys
 
 logger = logging.getLogger("hf_fastattn")
@@ -85,6 +89,11 @@ def dispatch_attention(
 
     key_padding = attention_mask if mask_kind == MASK_KEY_PADDING else None
     if triton_supports(query.device):
+        strategy = state.decode if state is not None else spec.default_decode
+        decode_step = query.shape[2] <= DECODE_MAX_QUERY and query.shape[2] < key.shape[2]
+        if causal and decode_step and strategy != "off" and not needs_grad:
+            out = decode_attention(query, key, value, scale=scale, key_padding=key_padding, strategy=strategy)
+            return out.transpose(1, 2).contiguous(), None
         run = spec.kernel
     else:
         warn_once(

@@ -10,9 +10,9 @@ from __future__ import annotations
 from transformers import AttentionInterface, AttentionMaskInterface
 
 from .capabilities import MethodSpec
-from .methods import bsfa, dense
+from .methods import bsfa, dense, lean
 
-_METHOD_MODULES = (dense, bsfa)
+_METHOD_MODULES = (dense, bsfa, lean)
 METHODS: dict[str, MethodSpec] = {module.SPEC.name: module.SPEC for module in _METHOD_MODULES}
 _RESERVED_SUBSTRINGS = ("flash", "sdpa", "flex", "paged", "/")
 

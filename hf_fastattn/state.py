@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .capabilities import MethodSpec
+from .capabilities import DECODE_SETTINGS, MethodSpec
 
 STATE_ATTRIBUTE = "fastattn_state"
 
@@ -20,7 +20,8 @@ class LayerState(nn.Module):
 
     ``layer_index`` is hf_fastattn's own, stable index: the attention module's position in ``model.modules()``
     order. ViT, DINOv2 and BERT-style encoders carry no usable ``layer_idx``, so we never rely on theirs.
-    ``spec`` is None for a layer explicitly left on transformers' SDPA.
+    ``spec`` is None for a layer explicitly left on transformers' SDPA. ``decode`` is the layer's decode strategy
+    (``"off"``: decode steps run the method's own kernel); ``config`` holds the method's own settings.
     """
 
     def __init__(self, layer_index: int, spec: MethodSpec | None, config: dict | None = None):
@@ -28,6 +29,7 @@ class LayerState(nn.Module):
         self.layer_index = layer_index
         self.spec = spec
         self.config = dict(config or {})
+        self.decode = _decode_setting(spec, self.config.pop("decode", None))
         # Realised-work counters a method accumulates on the device (e.g. BSFA's skipped tiles); not saved.
         self.counters: dict[str, torch.Tensor] = {}
 
@@ -49,4 +51,18 @@ class LayerState(nn.Module):
         return tensors
 
     def extra_repr(self) -> str:
-        return f"layer_index={self.layer_index}, method={self.method!r}, config={self.config}"
+        return f"layer_index={self.layer_index}, method={self.method!r}, decode={self.decode!r}, config={self.config}"
+
+
+def _decode_setting(spec: MethodSpec | None, requested: str | None) -> str:
+    if spec is None:
+        return "off"
+    if requested is None:
+        return spec.default_decode
+    if requested not in DECODE_SETTINGS:
+        raise ValueError(
+            f"unknown decode setting {requested!r} for fastattn_{spec.name}; choose from {DECODE_SETTINGS}"
+        )
+    if requested != "off" and not spec.capabilities.decode:
+        raise ValueError(f"fastattn_{spec.name} does not run the shared decode kernels; use decode='off'")
+    return requested

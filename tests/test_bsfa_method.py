@@ -162,22 +162,27 @@ def test_per_layer_thresholds():
 
 
 class Spy:
-    """Records the query length of every call to the method's BSFA and dense kernels."""
+    """Records the query length of every call to the method's BSFA and dense kernels and to the decode kernels."""
 
     def __init__(self, monkeypatch):
-        self.bsfa, self.dense = [], []
-        for name, calls in (("bsfa_attention", self.bsfa), ("dense_attention", self.dense)):
-            real = getattr(bsfa_method, name)
+        self.bsfa, self.dense, self.decode = [], [], []
+        targets = (
+            (bsfa_method, "bsfa_attention", self.bsfa),
+            (bsfa_method, "dense_attention", self.dense),
+            (hf_fastattn.dispatch, "decode_attention", self.decode),
+        )
+        for module, name, calls in targets:
+            real = getattr(module, name)
 
             def wrapper(query, *args, _real=real, _calls=calls, **kwargs):
                 _calls.append(query.shape[2])
                 return _real(query, *args, **kwargs)
 
-            monkeypatch.setattr(bsfa_method, name, wrapper)
+            monkeypatch.setattr(module, name, wrapper)
 
 
 def test_cached_greedy_decode_equals_full_forward(monkeypatch, caplog):
-    """Left-padded batch, DynamicCache: the prefill runs BSFA, each single-token step the dense kernel. At -inf the
+    """Left-padded batch, DynamicCache: the prefill runs BSFA, each single-token step the decode kernels. At -inf the
     generated tokens are eager's, and every step's logits are those of one uncached forward over the whole prefix."""
     reference, model = model_pair()
     hf_fastattn.patch(model, "bsfa", thresholds=float("-inf"), block_m=BLOCK, block_n=BLOCK)
@@ -191,7 +196,7 @@ def test_cached_greedy_decode_equals_full_forward(monkeypatch, caplog):
     with torch.no_grad():
         actual = model.generate(**kwargs, past_key_values=DynamicCache(config=model.config))
         expected = reference.generate(**kwargs, past_key_values=DynamicCache(config=reference.config))
-    assert spy.bsfa == [20] * LAYERS and spy.dense == [1] * (LAYERS * (new - 1))
+    assert spy.bsfa == [20] * LAYERS and spy.decode == [1] * (LAYERS * (new - 1)) and spy.dense == []
     assert torch.equal(actual.sequences, expected.sequences)
     assert len(set(actual.sequences[:, 20:].flatten().tolist())) > 1, "degenerate model: the test would prove little"
     steps = torch.stack(actual.logits, dim=1)  # (B, new, V)
@@ -205,7 +210,7 @@ def test_cached_greedy_decode_equals_full_forward(monkeypatch, caplog):
 
 
 def test_decode_steps_do_not_count_tiles(monkeypatch):
-    """With a sparse threshold, the counters hold the prefill's tiles only: decode steps are dense, not BSFA."""
+    """With a sparse threshold, the counters hold the prefill's tiles only: decode steps run the exact decode kernels."""
     _, model = model_pair()
     hf_fastattn.patch(model, "bsfa", thresholds=HIGH, block_m=BLOCK, block_n=BLOCK)
     ids, mask = prompt(seq=40, pad=6)
@@ -215,16 +220,17 @@ def test_decode_steps_do_not_count_tiles(monkeypatch):
             input_ids=ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False,
             pad_token_id=PAD_ID, past_key_values=DynamicCache(config=model.config),
         )  # fmt: skip
-    assert spy.bsfa == [40] * LAYERS and spy.dense == [1] * (LAYERS * 2)
+    assert spy.bsfa == [40] * LAYERS and spy.decode == [1] * (LAYERS * 2) and spy.dense == []
     visited, skippable = tile_counts(40)
     assert bsfa_tiles(model) == [{"visited": 8 * visited, "skippable": 8 * skippable, "skipped": 8 * skippable}] * 2
 
 
 def test_bsfa_decode_step_reads_absolute_positions():
-    """With ``min_query_len=1`` a decode step runs BSFA too. After a tile-aligned prompt, the step's query forms a
-    query tile of its own at the same absolute position as in a full forward: the same decisions, the same logits."""
+    """With ``decode="off"`` and ``min_query_len=1`` a decode step runs BSFA too. After a tile-aligned prompt, the
+    step's query forms a query tile of its own at the same absolute position as in a full forward: the same
+    decisions, the same logits."""
     _, model = model_pair()
-    hf_fastattn.patch(model, "bsfa", thresholds=HIGH, block_m=BLOCK, block_n=BLOCK, min_query_len=1)
+    hf_fastattn.patch(model, "bsfa", thresholds=HIGH, block_m=BLOCK, block_n=BLOCK, min_query_len=1, decode="off")
     ids, mask = prompt(seq=33, pad=5, seed=4)
     cache = DynamicCache(config=model.config)
     logits(model, ids[:, :32], mask[:, :32], past_key_values=cache, use_cache=True)

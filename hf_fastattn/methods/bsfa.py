@@ -2,8 +2,10 @@
 
 Prefill runs the BSFA kernel (:mod:`hf_fastattn.ops.bsfa`): ``Q K^T`` exactly for every key tile, the ``P V`` work
 skipped for tiles whose maximum scaled score is below the layer's threshold for that head and query-tile position.
-Skipped tiles leave the softmax denominator too. Short queries (decode steps, ``S_q < min_query_len``, default one
-query tile) run the dense kernel. Forward only: a call that needs gradients falls back to SDPA.
+Skipped tiles leave the softmax denominator too. Decode steps run the shared exact decode kernels (the ``decode``
+setting every method takes; ``decode="off"`` keeps them on this method's kernels), and other queries shorter than
+``min_query_len`` (default one query tile) run the dense kernel. Forward only: a call that needs gradients falls back
+to SDPA.
 
 Configuration (``patch(model, "bsfa", ...)``):
 
@@ -15,6 +17,7 @@ Configuration (``patch(model, "bsfa", ...)``):
 * ``block_m``, ``block_n``: the tile shape (default 128 x 64). Thresholds are calibrated for one tile shape: an
   artifact made for another is refused.
 * ``min_query_len``: queries shorter than this run dense (default ``block_m``).
+* ``decode``: the decode-step strategy (``"auto"``, ``"single"``, ``"split"``, ``"streamk"`` or ``"off"``).
 
 Every layer counts, on the device and without a host synchronisation, the key tiles it visited, could skip and
 skipped; :func:`bsfa_statistics` reads them (that read synchronises) and ``LayerState.reset_statistics`` clears them.

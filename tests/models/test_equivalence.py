@@ -33,6 +33,7 @@ from transformers import (
 import hf_fastattn
 import hf_fastattn.dispatch
 import hf_fastattn.methods.dense
+import hf_fastattn.ops.decode.attention
 import hf_fastattn.ops.dense.attention
 from hf_fastattn.ops._runtime import interpreter_enabled
 
@@ -214,7 +215,8 @@ def assert_close_valid(actual, expected, valid, *, atol=ATOL, rtol=RTOL, what=""
 
 class AttentionSpy:
     def __init__(self, monkeypatch):
-        self.kernel_fwd: list[tuple] = []  # (q shape, k shape, has key padding, causal)
+        self.kernel_fwd: list[tuple] = []  # (q shape, k shape, has key padding, causal), decode kernels included
+        self.decode: list[str] = []  # the strategy of every decode-kernel launch
         self.kernel_bwd = 0
         self.reference = 0
         self.fallbacks = 0
@@ -227,10 +229,17 @@ class AttentionSpy:
             methods.dense_attention_reference,
             dispatch.sdpa_fallback,
         )
+        decode_attention_module = hf_fastattn.ops.decode.attention
+        decode_fwd = decode_attention_module.decode_fwd
 
         def spy_fwd(q, k, v, key_padding, causal, scale):
             self.kernel_fwd.append((tuple(q.shape), tuple(k.shape), key_padding is not None, causal))
             return fwd(q, k, v, key_padding, causal, scale)
+
+        def spy_decode(q, k, v, key_padding, scale, plan):
+            self.kernel_fwd.append((tuple(q.shape), tuple(k.shape), key_padding is not None, True))
+            self.decode.append(plan.strategy)
+            return decode_fwd(q, k, v, key_padding, scale, plan)
 
         def spy_bwd(*args, **kwargs):
             self.kernel_bwd += 1
@@ -246,11 +255,13 @@ class AttentionSpy:
 
         monkeypatch.setattr(attention, "dense_fwd", spy_fwd)
         monkeypatch.setattr(attention, "dense_bwd", spy_bwd)
+        monkeypatch.setattr(decode_attention_module, "decode_fwd", spy_decode)
         monkeypatch.setattr(methods, "dense_attention_reference", spy_ref)
         monkeypatch.setattr(dispatch, "sdpa_fallback", spy_fallback)
 
     def reset(self):
         self.kernel_fwd.clear()
+        self.decode.clear()
         self.kernel_bwd = self.reference = self.fallbacks = 0
 
     def fast_calls(self) -> int:
@@ -480,7 +491,37 @@ def test_greedy_generate_matches_eager(arch_name, spy):
     if interpreter_enabled():
         decode_calls = [call for call in spy.kernel_fwd if call[0][2] == 1]
         assert len(decode_calls) == arch.num_layers * 5
+        assert len(spy.decode) == arch.num_layers * 5, "decode steps must run the shared decode kernels"
         assert all(has_padding and causal for _, _, has_padding, causal in spy.kernel_fwd)
+
+
+@pytest.mark.parametrize(
+    ("method", "decode"), [("dense", "off"), ("dense", "single"), ("dense", "split"), ("lean", None), ("bsfa", None)]
+)
+def test_greedy_generate_per_decode_strategy(method, decode, spy):
+    """Every decode strategy, and every causal method's default, generates eager's tokens from a left-padded batch
+    whose cache spans several key tiles (so split-KV and stream-K really split)."""
+    arch = ARCHS["llama"]
+    eager, fast = build_pair(arch)
+    config = {"thresholds": float("-inf"), "block_m": 16, "block_n": 16} if method == "bsfa" else {}
+    if decode is not None:
+        config["decode"] = decode
+    hf_fastattn.patch(fast, method, **config)
+    inputs = make_inputs(arch, "left", seq=40, seed=5)
+    kwargs = {
+        **inputs, "max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "pad_token_id": PAD_ID,
+        "return_dict_in_generate": True, "output_logits": True,
+    }  # fmt: skip
+    expected = eager.generate(**kwargs, past_key_values=DynamicCache(config=eager.config))
+    spy.reset()
+    actual = fast.generate(**kwargs, past_key_values=DynamicCache(config=fast.config))
+    torch.testing.assert_close(actual.sequences, expected.sequences, atol=0, rtol=0)
+    for step, (a, e) in enumerate(zip(actual.logits, expected.logits)):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4, msg=lambda m, s=step: f"step {s}: {m}")
+    if interpreter_enabled():
+        expected_strategy = {"off": None, None: "streamk" if method == "lean" else "single"}.get(decode, decode)
+        steps = arch.num_layers * 3
+        assert spy.decode == ([] if expected_strategy is None else [expected_strategy] * steps)
 
 
 @pytest.mark.parametrize("arch_name", CAUSAL)

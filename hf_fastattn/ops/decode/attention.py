@@ -1,0 +1,316 @@
+"""Decode attention: the schedule (:func:`plan_decode`), the launchers and the ``hf_fastattn::decode_fwd`` custom op.
+
+The schedule depends only on shapes and the GPU's SM count, never on tensor contents (padding, lengths inside the
+batch), so a captured CUDA graph replays the same grid. See :mod:`.kernels` for the three strategies.
+
+Auto-selection (``strategy="auto"``), from the measurements in ``benchmarks/results/decode_<gpu>.md``:
+
+* ``single`` when there are enough segments (batch x KV heads x row tiles) to fill the GPU by themselves
+  (``>= 0.8 x SMs``, FlashAttention's threshold for not splitting) or the cache is only a few key tiles long;
+* ``streamk`` otherwise: every SM gets the same number of key tiles, whatever the segment count.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .._runtime import interpreter_enabled, next_power_of_2
+from ..dense.attention import check_attention_inputs, key_padding_arg, unit_last_stride
+from .kernels import _combine_kernel, _split_kv_kernel, _streamk_kernel
+
+STRATEGIES = ("auto", "single", "split", "streamk")
+# Query lengths the transformers integration sends here (decode, speculative verification); longer ones are prefill.
+DECODE_MAX_QUERY = 16
+# Packed GQA rows per query tile: more would cost registers without reading K/V any less often.
+_MAX_BLOCK_M = 64
+# Segments per SM at and above which one program per segment already fills the GPU.
+_FILL_FRACTION = 0.8
+# FlashAttention's split-KV heuristic: the fewest splits whose wave efficiency is within 85% of the best.
+_SPLIT_EFFICIENCY = 0.85
+_MAX_SPLITS = 128
+# The interpreter runs programs one by one: small tiles and a few "SMs" keep tests fast and still cross segments.
+_INTERPRETER_BLOCK = 16
+_INTERPRETER_SMS = 3
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Tile configuration of the decode kernels; ``programs_per_sm`` sizes stream-K's persistent grid."""
+
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 3
+    programs_per_sm: int = 2
+
+
+def default_config(head_dim: int) -> DecodeConfig:
+    """The measured defaults: one K tile plus one V tile of 32 KiB per pipeline stage at head dim 64 and 128."""
+    if interpreter_enabled():
+        return DecodeConfig(block_n=_INTERPRETER_BLOCK, num_warps=1, num_stages=1, programs_per_sm=1)
+    block_n = max(16, min(128, 8192 // next_power_of_2(head_dim)))
+    return DecodeConfig(block_n=block_n)
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """A concrete launch: strategy, tiles and grid. ``splits_per_segment`` is the most programs one segment's key
+    tiles are spread over (1 for ``single``)."""
+
+    strategy: str
+    block_m: int
+    config: DecodeConfig
+    segments: int
+    row_tiles: int
+    tiles_per_segment: int
+    splits_per_segment: int
+    grid: tuple[int, ...]
+
+    @property
+    def block_n(self) -> int:
+        return self.config.block_n
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device | str) -> int:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _INTERPRETER_SMS
+
+
+def _split_kv_splits(segments: int, tiles_per_segment: int, sms: int) -> int:
+    """FlashAttention-2's ``num_splits_heuristic``: enough equal key chunks per segment to fill whole waves."""
+    if segments >= _FILL_FRACTION * sms:
+        return 1
+    most = min(_MAX_SPLITS, sms, tiles_per_segment)
+    efficiency = []
+    for splits in range(1, most + 1):
+        waves = segments * splits / sms
+        efficiency.append(waves / math.ceil(waves))
+    best = max(efficiency)
+    return next(splits for splits, eff in enumerate(efficiency, start=1) if eff >= _SPLIT_EFFICIENCY * best)
+
+
+def _streamk_split(total_tiles: int, programs: int) -> tuple[int, int]:
+    """(tiles every program takes, programs that take one more)."""
+    return total_tiles // programs, total_tiles % programs
+
+
+def _streamk_max_sharing(tiles_per_segment: int, segments: int, programs: int) -> int:
+    per_program, with_extra = _streamk_split(tiles_per_segment * segments, programs)
+    long_tiles = with_extra * (per_program + 1)
+
+    def owner(tile: int) -> int:
+        return tile // (per_program + 1) if tile < long_tiles else with_extra + (tile - long_tiles) // per_program
+
+    return max(owner((s + 1) * tiles_per_segment - 1) - owner(s * tiles_per_segment) + 1 for s in range(segments))
+
+
+def plan_decode(
+    batch: int,
+    q_heads: int,
+    kv_heads: int,
+    seq_q: int,
+    seq_k: int,
+    head_dim: int,
+    device: torch.device | str,
+    strategy: str = "auto",
+    *,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    programs_per_sm: int | None = None,
+    num_splits: int | None = None,
+    num_programs: int | None = None,
+) -> DecodePlan:
+    """The launch for one decode call. Keywords override the tuned defaults (benchmarks and tests use them):
+    ``num_splits`` for ``split``, ``num_programs`` for ``streamk``'s grid (default SMs x ``programs_per_sm``)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown decode strategy {strategy!r}; choose from {list(STRATEGIES)}")
+    return _plan(
+        batch, q_heads, kv_heads, seq_q, seq_k, head_dim, torch.device(device), strategy,
+        block_n, num_warps, num_stages, programs_per_sm, num_splits, num_programs,
+    )  # fmt: skip
+
+
+# Every decode step of every layer asks for the same few plans.
+@functools.lru_cache(maxsize=1024)
+def _plan(
+    batch: int,
+    q_heads: int,
+    kv_heads: int,
+    seq_q: int,
+    seq_k: int,
+    head_dim: int,
+    device: torch.device,
+    strategy: str,
+    block_n: int | None,
+    num_warps: int | None,
+    num_stages: int | None,
+    programs_per_sm: int | None,
+    num_splits: int | None,
+    num_programs: int | None,
+) -> DecodePlan:
+    base = default_config(head_dim)
+    config = DecodeConfig(
+        block_n=block_n or base.block_n,
+        num_warps=num_warps or base.num_warps,
+        num_stages=num_stages or base.num_stages,
+        programs_per_sm=programs_per_sm or base.programs_per_sm,
+    )
+    if config.block_n < 16 or config.block_n & (config.block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {config.block_n}")
+    rows = (q_heads // kv_heads) * seq_q
+    block_m = min(max(16, next_power_of_2(rows)), _INTERPRETER_BLOCK if interpreter_enabled() else _MAX_BLOCK_M)
+    row_tiles = triton.cdiv(rows, block_m)
+    segments = batch * kv_heads * row_tiles
+    tiles_per_segment = triton.cdiv(seq_k, config.block_n)
+    sms = sm_count(device)
+
+    if strategy == "auto":
+        fills_gpu = segments >= _FILL_FRACTION * sms
+        strategy = "single" if fills_gpu or tiles_per_segment <= 2 else "streamk"
+    if strategy == "single":
+        return DecodePlan(strategy, block_m, config, segments, row_tiles, tiles_per_segment, 1, (1, segments))
+    if strategy == "split":
+        splits = num_splits or _split_kv_splits(segments, tiles_per_segment, sms)
+        splits = max(1, min(splits, tiles_per_segment))
+        return DecodePlan(strategy, block_m, config, segments, row_tiles, tiles_per_segment, splits, (splits, segments))
+    total_tiles = segments * tiles_per_segment
+    programs = max(1, min(total_tiles, num_programs or sms * config.programs_per_sm))
+    sharing = _streamk_max_sharing(tiles_per_segment, segments, programs)
+    return DecodePlan(strategy, block_m, config, segments, row_tiles, tiles_per_segment, sharing, (programs,))
+
+
+# Stream-K arrival counters, one int32 per segment, per device. Zero between launches: the last arriver of each split
+# segment resets its own. Kept across calls so a launch needs no memset (and a CUDA graph replays without one); it
+# assumes one decode launch at a time per device, as one generation stream gives.
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, count: int) -> torch.Tensor:
+    counters = _ARRIVALS.get(device)
+    if counters is None or counters.numel() < count:
+        counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        _ARRIVALS[device] = counters
+    return counters
+
+
+def decode_fwd(q, k, v, key_padding, scale: float, plan: DecodePlan) -> torch.Tensor:
+    """Launch ``plan``; returns the output in HF's ``(B, S_q, H_q, D)`` buffer, seen as ``(B, H_q, S_q, D)``."""
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))
+    batch, q_heads, seq_q, head_dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    block_d = next_power_of_2(head_dim)
+    out = torch.empty(batch, seq_q, q_heads, head_dim, device=q.device, dtype=q.dtype).transpose(1, 2)
+    kpad, stride_kpad = key_padding_arg(key_padding, q)
+    config = plan.config
+    slots = {"single": 0, "split": plan.segments * plan.splits_per_segment, "streamk": 2 * plan.grid[0]}[plan.strategy]
+    part_acc = torch.empty(slots * plan.block_m * block_d, device=q.device, dtype=torch.float32)
+    part_m = torch.empty(slots * plan.block_m, device=q.device, dtype=torch.float32)
+    part_l = torch.empty_like(part_m)
+    strides = (
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        stride_kpad,
+    )  # fmt: skip
+    meta = {
+        "HEAD_DIM": head_dim,
+        "BLOCK_M": plan.block_m,
+        "BLOCK_N": config.block_n,
+        "BLOCK_D": block_d,
+        "HAS_KEY_PADDING": key_padding is not None,
+        "num_warps": config.num_warps,
+        "num_stages": config.num_stages,
+    }
+    shape_args = (kv_heads, q_heads // kv_heads, plan.row_tiles, seq_q, seq_k, scale)
+    if plan.strategy == "streamk":
+        programs = plan.grid[0]
+        per_program, with_extra = _streamk_split(plan.segments * plan.tiles_per_segment, programs)
+        arrivals = _arrival_counters(q.device, plan.segments)
+        _streamk_kernel[plan.grid](
+            q, k, v, kpad, out, part_acc, part_m, part_l, arrivals, *strides, *shape_args,
+            plan.tiles_per_segment, per_program, with_extra, **meta,
+        )  # fmt: skip
+        return out
+    splits = plan.splits_per_segment
+    _split_kv_kernel[plan.grid](
+        q, k, v, kpad, out, part_acc, part_m, part_l, *strides, *shape_args,
+        triton.cdiv(plan.tiles_per_segment, splits), WRITE_OUTPUT=splits == 1, **meta,
+    )  # fmt: skip
+    if splits > 1:
+        _combine_kernel[(plan.segments,)](
+            out, part_acc, part_m, part_l, out.stride(0), out.stride(1), out.stride(2),
+            kv_heads, q_heads // kv_heads, plan.row_tiles, seq_q, splits,
+            HEAD_DIM=head_dim, BLOCK_M=plan.block_m, BLOCK_D=block_d, num_warps=config.num_warps,
+        )  # fmt: skip
+    return out
+
+
+@torch.library.custom_op("hf_fastattn::decode_fwd", mutates_args=())
+def _decode_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding: torch.Tensor | None,
+    scale: float,
+    strategy: str,
+    tuning: list[int],
+) -> torch.Tensor:
+    block_n, num_warps, num_stages, programs_per_sm, num_splits, num_programs = (t or None for t in tuning)
+    batch, q_heads, seq_q, head_dim = q.shape
+    plan = plan_decode(
+        batch, q_heads, k.shape[1], seq_q, k.shape[2], head_dim, q.device, strategy,
+        block_n=block_n, num_warps=num_warps, num_stages=num_stages, programs_per_sm=programs_per_sm,
+        num_splits=num_splits, num_programs=num_programs,
+    )  # fmt: skip
+    return decode_fwd(q, k, v, key_padding, scale, plan)
+
+
+@_decode_fwd_op.register_fake
+def _(q, k, v, key_padding, scale, strategy, tuning):
+    batch, q_heads, seq_q, head_dim = q.shape
+    return q.new_empty(batch, seq_q, q_heads, head_dim).transpose(1, 2)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
+    strategy: str = "auto",
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    programs_per_sm: int | None = None,
+    num_splits: int | None = None,
+    num_programs: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of a few queries against a KV cache, ``(B, H_q, S_q, D)`` in and out; forward only.
+
+    Meant for decode (``S_q`` up to :data:`DECODE_MAX_QUERY`, any ``S_q <= S_kv`` works). Causality is bottom-right:
+    query ``i`` sees keys ``<= i + S_kv - S_q``. ``key_padding`` is an optional ``(B, S_kv)`` mask (True/non-zero =
+    attend), e.g. a left-padded batch's. ``strategy`` is ``"auto"``, ``"single"``, ``"split"`` or ``"streamk"``; the
+    remaining keywords override the tuned launch (see :func:`plan_decode`).
+    """
+    key_padding, scale = check_attention_inputs(q, k, v, key_padding, scale, "decode_attention")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown decode strategy {strategy!r}; choose from {list(STRATEGIES)}")
+    if not 1 <= q.shape[2] <= k.shape[2]:
+        raise ValueError(f"decode_attention needs 1 <= S_q <= S_kv, got S_q={q.shape[2]}, S_kv={k.shape[2]}")
+    key_padding = None if key_padding is None else key_padding.view(torch.uint8)
+    tuning = [block_n, num_warps, num_stages, programs_per_sm, num_splits, num_programs]
+    return _decode_fwd_op(q, k, v, key_padding, scale, strategy, [t or 0 for t in tuning])

@@ -1,0 +1,292 @@
+"""Decode attention kernels: short causal queries (1 to 16 rows) against a long KV cache.
+
+Decode is memory-bound: every K/V byte must be read once, and at batch 1 there are far fewer (batch, KV head) pairs
+than SMs. The kernels therefore:
+
+* **pack a GQA group** into one query tile: row ``r`` of the tile is query head ``kv_head * group + r // S_q`` at
+  position ``r % S_q``, so each K/V tile is loaded once for the whole group;
+* **split the key sequence** across programs. A *segment* is the work of one query tile: (batch, KV head, row tile)
+  over all ``T = cdiv(S_kv, BLOCK_N)`` key tiles. Partial results ``(acc, m, l)`` (unnormalised accumulator, running
+  max in log2 units, denominator) of any key ranges merge exactly with the associative online-softmax rescale
+  (:func:`merge_partial`), whatever the split sizes.
+
+Three schedules share one inner loop (:func:`attend_key_range`, the dense skeleton's tile loop):
+
+* ``single``: one program per segment, which normalises and writes the output (``_split_kv_kernel`` with one split);
+* ``split``: FlashDecoding's split-KV, ``num_splits`` equal key chunks per segment, partials to scratch, then
+  ``_combine_kernel`` merges them;
+* ``streamk`` (LeanAttention): a persistent grid of ``G`` programs splits the flat list of all segments' key tiles into
+  ``G`` contiguous ranges that differ by at most one tile, crossing segment boundaries freely. A segment covered by one
+  program is finished in place. Otherwise each contributing program writes its partial to scratch and increments the
+  segment's arrival counter; the **last** to arrive merges all partials and writes the output, then resets the
+  counter to zero for the next launch. Nobody waits on anybody, so correctness needs no co-residency (the grid is still
+  capped at what fits on the GPU at once, to stay persistent) and the interpreter, which runs programs one after
+  another, executes the same code.
+
+Causality is bottom-right: query position ``i`` sees keys ``j <= i + S_kv - S_q``; ``S_q <= S_kv`` is required.
+An optional ``(B, S_kv)`` key-padding mask (non-zero = attend) covers left-padded batches; a row that sees no key
+returns zeros.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..dense.fwd import attn_fwd_finish, attn_fwd_tile_range
+
+
+@triton.jit
+def segment_coordinates(segment, num_kv_heads, row_tiles):
+    """(batch, KV head, row tile) of a segment; segments are numbered batch-major, row tiles innermost."""
+    row_tile = segment % row_tiles
+    batch_head = segment // row_tiles
+    return batch_head // num_kv_heads, batch_head % num_kv_heads, row_tile
+
+
+@triton.jit
+def packed_rows(row_tile, group_size, seq_q, BLOCK_M: tl.constexpr):
+    """Query head, query position and validity of each row of a packed GQA query tile."""
+    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    return rows // seq_q, rows % seq_q, rows < group_size * seq_q
+
+
+@triton.jit
+def load_packed_queries(
+    Q, batch, kv_head, head_in_group, positions, valid, offs_d,
+    stride_qb, stride_qh, stride_qm, group_size,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    heads = kv_head * group_size + head_in_group
+    ptrs = Q + batch * stride_qb + heads[:, None] * stride_qh + positions[:, None] * stride_qm + offs_d[None, :]
+    return tl.load(ptrs, mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def store_packed_output(
+    Out, out, batch, kv_head, head_in_group, positions, valid, offs_d,
+    stride_ob, stride_oh, stride_om, group_size,
+    HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    heads = kv_head * group_size + head_in_group
+    ptrs = Out + batch * stride_ob + heads[:, None] * stride_oh + positions[:, None] * stride_om + offs_d[None, :]
+    tl.store(ptrs, out.to(Out.dtype.element_ty), mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def attend_key_range(
+    q, positions, k_base, v_base, kpad_base, lo, hi, offs_n, offs_d,
+    stride_kn, stride_vn, seq_q, seq_k, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_KEY_PADDING: tl.constexpr,
+):  # fmt: skip
+    """Partial ``(acc, m, l)`` of a packed query tile over key tiles ``[lo, hi)`` (multiples of ``BLOCK_N``)."""
+    causal_offset = seq_k - seq_q
+    # Keys [0, causal_offset] are visible to every query position: their tiles need no causal or sequence-end mask.
+    unmasked_hi = (causal_offset + 1) // BLOCK_N * BLOCK_N
+    mid = tl.minimum(tl.maximum(unmasked_hi, lo), hi)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = attn_fwd_tile_range(
+        acc, m_i, l_i, q, k_base, v_base, kpad_base, lo, mid, positions, offs_n, offs_d,
+        stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
+        HEAD_DIM, BLOCK_N, BLOCK_D, False, False, HAS_KEY_PADDING,
+    )  # fmt: skip
+    acc, m_i, l_i = attn_fwd_tile_range(
+        acc, m_i, l_i, q, k_base, v_base, kpad_base, mid, hi, positions, offs_n, offs_d,
+        stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
+        HEAD_DIM, BLOCK_N, BLOCK_D, True, True, HAS_KEY_PADDING,
+    )  # fmt: skip
+    return acc, m_i, l_i
+
+
+@triton.jit
+def merge_partial(acc, m_i, l_i, acc_other, m_other, l_other):
+    """Associative online-softmax merge of two partials over disjoint key ranges (empty partials: m = -inf, l = 0)."""
+    m_new = tl.maximum(m_i, m_other)
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_shift)
+    beta = tl.math.exp2(m_other - m_shift)
+    return acc * alpha[:, None] + acc_other * beta[:, None], m_new, l_i * alpha + l_other * beta
+
+
+@triton.jit
+def store_partial(PartAcc, PartM, PartL, slot, acc, m_i, l_i, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.arange(0, BLOCK_M)
+    tile = slot * BLOCK_M * BLOCK_D + rows[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+    tl.store(PartAcc + tile, acc)
+    tl.store(PartM + slot * BLOCK_M + rows, m_i)
+    tl.store(PartL + slot * BLOCK_M + rows, l_i)
+
+
+@triton.jit
+def load_partial(PartAcc, PartM, PartL, slot, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    # .cg reads from L2: the partial was written by another program, possibly on another SM.
+    rows = tl.arange(0, BLOCK_M)
+    tile = slot * BLOCK_M * BLOCK_D + rows[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+    acc = tl.load(PartAcc + tile, cache_modifier=".cg")
+    m_i = tl.load(PartM + slot * BLOCK_M + rows, cache_modifier=".cg")
+    l_i = tl.load(PartL + slot * BLOCK_M + rows, cache_modifier=".cg")
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _split_kv_kernel(
+    Q, K, V, KPAD, Out, PartAcc, PartM, PartL,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_kpad_b,
+    num_kv_heads, group_size, row_tiles, seq_q, seq_k, scale, tiles_per_split,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_KEY_PADDING: tl.constexpr, WRITE_OUTPUT: tl.constexpr,
+):  # fmt: skip
+    """Program (split, segment): key tiles ``[split * tiles_per_split, ...)`` of one segment. With one split per
+    segment (``WRITE_OUTPUT``) it writes the output; otherwise its partial goes to slot ``segment * splits + split``."""
+    split = tl.program_id(0)
+    segment = tl.program_id(1)
+    batch, kv_head, row_tile = segment_coordinates(segment, num_kv_heads, row_tiles)
+    head_in_group, positions, valid = packed_rows(row_tile, group_size, seq_q, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_packed_queries(
+        Q, batch, kv_head, head_in_group, positions, valid, offs_d,
+        stride_qb, stride_qh, stride_qm, group_size, HEAD_DIM, BLOCK_D,
+    )  # fmt: skip
+    num_tiles = tl.cdiv(seq_k, BLOCK_N)
+    lo = tl.minimum(split * tiles_per_split, num_tiles) * BLOCK_N
+    hi = tl.minimum((split + 1) * tiles_per_split, num_tiles) * BLOCK_N
+    acc, m_i, l_i = attend_key_range(
+        q, positions,
+        K + batch * stride_kb + kv_head * stride_kh, V + batch * stride_vb + kv_head * stride_vh,
+        KPAD + batch * stride_kpad_b, lo, hi, offs_n, offs_d,
+        stride_kn, stride_vn, seq_q, seq_k, scale * 1.4426950408889634,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_KEY_PADDING,
+    )  # fmt: skip
+    if WRITE_OUTPUT:
+        out, _ = attn_fwd_finish(acc, m_i, l_i)
+        store_packed_output(
+            Out, out, batch, kv_head, head_in_group, positions, valid, offs_d,
+            stride_ob, stride_oh, stride_om, group_size, HEAD_DIM,
+        )  # fmt: skip
+    else:
+        store_partial(PartAcc, PartM, PartL, segment * tl.num_programs(0) + split, acc, m_i, l_i, BLOCK_M, BLOCK_D)
+
+
+@triton.jit
+def _combine_kernel(
+    Out, PartAcc, PartM, PartL,
+    stride_ob, stride_oh, stride_om,
+    num_kv_heads, group_size, row_tiles, seq_q, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Merge the split-KV partials of one segment and write its output."""
+    segment = tl.program_id(0)
+    batch, kv_head, row_tile = segment_coordinates(segment, num_kv_heads, row_tiles)
+    head_in_group, positions, valid = packed_rows(row_tile, group_size, seq_q, BLOCK_M)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for split in range(num_splits):
+        acc_other, m_other, l_other = load_partial(
+            PartAcc, PartM, PartL, segment * num_splits + split, BLOCK_M, BLOCK_D
+        )
+        acc, m_i, l_i = merge_partial(acc, m_i, l_i, acc_other, m_other, l_other)
+    out, _ = attn_fwd_finish(acc, m_i, l_i)
+    store_packed_output(
+        Out, out, batch, kv_head, head_in_group, positions, valid, tl.arange(0, BLOCK_D),
+        stride_ob, stride_oh, stride_om, group_size, HEAD_DIM,
+    )  # fmt: skip
+
+
+@triton.jit
+def streamk_range_start(program, tiles_per_program, programs_with_extra):
+    """First flat tile of a program: the first ``programs_with_extra`` programs take one tile more than the rest."""
+    return program * tiles_per_program + tl.minimum(program, programs_with_extra)
+
+
+@triton.jit
+def streamk_owner(tile, tiles_per_program, programs_with_extra):
+    """The program whose range holds a flat tile (inverse of :func:`streamk_range_start`)."""
+    long_tiles = programs_with_extra * (tiles_per_program + 1)
+    return tl.where(
+        tile < long_tiles,
+        tile // (tiles_per_program + 1),
+        programs_with_extra + (tile - long_tiles) // tl.maximum(tiles_per_program, 1),
+    )
+
+
+@triton.jit
+def streamk_slot(program, segment, tiles_per_segment, tiles_per_program, programs_with_extra):
+    """Scratch slot of ``program``'s partial of ``segment``: 2 per program, for the first and the last segment of its
+    range (a segment strictly inside a range is finished in place and needs none)."""
+    first_segment = streamk_range_start(program, tiles_per_program, programs_with_extra) // tiles_per_segment
+    return 2 * program + (segment != first_segment).to(tl.int32)
+
+
+@triton.jit
+def _streamk_kernel(
+    Q, K, V, KPAD, Out, PartAcc, PartM, PartL, Arrivals,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_kpad_b,
+    num_kv_heads, group_size, row_tiles, seq_q, seq_k, scale,
+    tiles_per_segment, tiles_per_program, programs_with_extra,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_KEY_PADDING: tl.constexpr,
+):  # fmt: skip
+    """Persistent stream-K decode: this program's contiguous range of flat key tiles, segment by segment."""
+    program = tl.program_id(0)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    qk_scale = scale * 1.4426950408889634
+    tile = streamk_range_start(program, tiles_per_program, programs_with_extra)
+    end = tile + tiles_per_program + (program < programs_with_extra).to(tl.int32)
+    while tile < end:
+        segment = tile // tiles_per_segment
+        segment_start = segment * tiles_per_segment
+        stop = tl.minimum(segment_start + tiles_per_segment, end)
+        batch, kv_head, row_tile = segment_coordinates(segment, num_kv_heads, row_tiles)
+        head_in_group, positions, valid = packed_rows(row_tile, group_size, seq_q, BLOCK_M)
+        q = load_packed_queries(
+            Q, batch, kv_head, head_in_group, positions, valid, offs_d,
+            stride_qb, stride_qh, stride_qm, group_size, HEAD_DIM, BLOCK_D,
+        )  # fmt: skip
+        acc, m_i, l_i = attend_key_range(
+            q, positions,
+            K + batch * stride_kb + kv_head * stride_kh, V + batch * stride_vb + kv_head * stride_vh,
+            KPAD + batch * stride_kpad_b, (tile - segment_start) * BLOCK_N, (stop - segment_start) * BLOCK_N,
+            offs_n, offs_d, stride_kn, stride_vn, seq_q, seq_k, qk_scale,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_KEY_PADDING,
+        )  # fmt: skip
+
+        first_owner = streamk_owner(segment_start, tiles_per_program, programs_with_extra)
+        last_owner = streamk_owner(segment_start + tiles_per_segment - 1, tiles_per_program, programs_with_extra)
+        write_output = first_owner == last_owner
+        if not write_output:
+            slot = streamk_slot(program, segment, tiles_per_segment, tiles_per_program, programs_with_extra)
+            store_partial(PartAcc, PartM, PartL, slot, acc, m_i, l_i, BLOCK_M, BLOCK_D)
+            # Every thread's partial is stored before the counter moves; acq_rel publishes them to the last arriver.
+            tl.debug_barrier()
+            arrived_before = tl.atomic_add(Arrivals + segment, 1, sem="acq_rel")
+            write_output = arrived_before == last_owner - first_owner
+            if write_output:
+                acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+                m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+                l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+                for owner in range(first_owner, last_owner + 1):
+                    owner_slot = streamk_slot(owner, segment, tiles_per_segment, tiles_per_program, programs_with_extra)
+                    acc_other, m_other, l_other = load_partial(PartAcc, PartM, PartL, owner_slot, BLOCK_M, BLOCK_D)
+                    acc, m_i, l_i = merge_partial(acc, m_i, l_i, acc_other, m_other, l_other)
+                tl.atomic_xchg(Arrivals + segment, 0)  # ready for the next launch
+        if write_output:
+            out, _ = attn_fwd_finish(acc, m_i, l_i)
+            store_packed_output(
+                Out, out, batch, kv_head, head_in_group, positions, valid, offs_d,
+                stride_ob, stride_oh, stride_om, group_size, HEAD_DIM,
+            )  # fmt: skip
+        tile = stop
