@@ -33,6 +33,8 @@ _FILL_FRACTION = 0.8
 # FlashAttention's split-KV heuristic: the fewest splits whose wave efficiency is within 85% of the best.
 _SPLIT_EFFICIENCY = 0.85
 _MAX_SPLITS = 128
+# fp32 partial elements merged per step (a chunk of partials loaded at once): 64 registers a thread at 4 warps.
+_MERGE_ELEMENTS = 8192
 # The interpreter runs programs one by one: small tiles and a few "SMs" keep tests fast and still cross segments.
 _INTERPRETER_BLOCK = 16
 _INTERPRETER_SMS = 3
@@ -235,13 +237,15 @@ def decode_fwd(q, k, v, key_padding, scale: float, plan: DecodePlan) -> torch.Te
         "num_stages": config.num_stages,
     }
     shape_args = (kv_heads, q_heads // kv_heads, plan.row_tiles, seq_q, seq_k, scale)
+    chunk = max(1, min(plan.splits_per_segment, _MERGE_ELEMENTS // (plan.block_m * block_d)))
+    chunk = 1 << (chunk.bit_length() - 1)  # a power of two, for tl.arange
     if plan.strategy == "streamk":
         programs = plan.grid[0]
         per_program, with_extra = _streamk_split(plan.segments * plan.tiles_per_segment, programs)
         arrivals = _arrival_counters(q.device, plan.segments)
         _streamk_kernel[plan.grid](
             q, k, v, kpad, out, part_acc, part_m, part_l, arrivals, *strides, *shape_args,
-            plan.tiles_per_segment, per_program, with_extra, **meta,
+            plan.tiles_per_segment, per_program, with_extra, CHUNK=chunk, **meta,
         )  # fmt: skip
         return out
     splits = plan.splits_per_segment
@@ -253,7 +257,7 @@ def decode_fwd(q, k, v, key_padding, scale: float, plan: DecodePlan) -> torch.Te
         _combine_kernel[(plan.segments,)](
             out, part_acc, part_m, part_l, out.stride(0), out.stride(1), out.stride(2),
             kv_heads, q_heads // kv_heads, plan.row_tiles, seq_q, splits,
-            HEAD_DIM=head_dim, BLOCK_M=plan.block_m, BLOCK_D=block_d, num_warps=config.num_warps,
+            HEAD_DIM=head_dim, BLOCK_M=plan.block_m, BLOCK_D=block_d, CHUNK=chunk, num_warps=config.num_warps,
         )  # fmt: skip
     return out
 

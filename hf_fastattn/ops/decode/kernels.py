@@ -8,7 +8,7 @@ than SMs. The kernels therefore:
 * **split the key sequence** across programs. A *segment* is the work of one query tile: (batch, KV head, row tile)
   over all ``T = cdiv(S_kv, BLOCK_N)`` key tiles. Partial results ``(acc, m, l)`` (unnormalised accumulator, running
   max in log2 units, denominator) of any key ranges merge exactly with the associative online-softmax rescale
-  (:func:`merge_partial`), whatever the split sizes.
+  (:func:`merge_stored_partials`), whatever the split sizes.
 
 Three schedules share one inner loop (:func:`attend_key_range`, the dense skeleton's tile loop):
 
@@ -102,16 +102,6 @@ def attend_key_range(
 
 
 @triton.jit
-def merge_partial(acc, m_i, l_i, acc_other, m_other, l_other):
-    """Associative online-softmax merge of two partials over disjoint key ranges (empty partials: m = -inf, l = 0)."""
-    m_new = tl.maximum(m_i, m_other)
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_shift)
-    beta = tl.math.exp2(m_other - m_shift)
-    return acc * alpha[:, None] + acc_other * beta[:, None], m_new, l_i * alpha + l_other * beta
-
-
-@triton.jit
 def store_partial(PartAcc, PartM, PartL, slot, acc, m_i, l_i, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.arange(0, BLOCK_M)
     tile = slot * BLOCK_M * BLOCK_D + rows[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
@@ -121,14 +111,28 @@ def store_partial(PartAcc, PartM, PartL, slot, acc, m_i, l_i, BLOCK_M: tl.conste
 
 
 @triton.jit
-def load_partial(PartAcc, PartM, PartL, slot, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    # .cg reads from L2: the partial was written by another program, possibly on another SM.
+def merge_stored_partials(
+    acc, m_i, l_i, PartAcc, PartM, PartL, slots, slot_valid, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    """Merge a chunk of stored partials (``slots``, masked by ``slot_valid``) into ``(acc, m, l)`` in one step, with
+    the associative online-softmax rescale (empty partials have m = -inf, l = 0).
+
+    Loading the whole chunk at once keeps all its reads in flight: merging one partial per loop iteration would
+    wait a full memory latency per partial, and a segment can have dozens.
+    """
     rows = tl.arange(0, BLOCK_M)
-    tile = slot * BLOCK_M * BLOCK_D + rows[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
-    acc = tl.load(PartAcc + tile, cache_modifier=".cg")
-    m_i = tl.load(PartM + slot * BLOCK_M + rows, cache_modifier=".cg")
-    l_i = tl.load(PartL + slot * BLOCK_M + rows, cache_modifier=".cg")
-    return acc, m_i, l_i
+    row_ptrs = slots[:, None] * BLOCK_M + rows[None, :]
+    tile_ptrs = row_ptrs[:, :, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, None, :]
+    # .cg reads from L2: the partials were written by other programs, possibly on other SMs.
+    m_parts = tl.load(PartM + row_ptrs, mask=slot_valid[:, None], other=float("-inf"), cache_modifier=".cg")
+    l_parts = tl.load(PartL + row_ptrs, mask=slot_valid[:, None], other=0.0, cache_modifier=".cg")
+    acc_parts = tl.load(PartAcc + tile_ptrs, mask=slot_valid[:, None, None], other=0.0, cache_modifier=".cg")
+    m_new = tl.maximum(m_i, tl.max(m_parts, 0))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_shift)
+    weights = tl.math.exp2(m_parts - m_shift[None, :])
+    acc = acc * alpha[:, None] + tl.sum(acc_parts * weights[:, :, None], 0)
+    return acc, m_new, l_i * alpha + tl.sum(l_parts * weights, 0)
 
 
 @triton.jit
@@ -180,7 +184,7 @@ def _combine_kernel(
     Out, PartAcc, PartM, PartL,
     stride_ob, stride_oh, stride_om,
     num_kv_heads, group_size, row_tiles, seq_q, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
     """Merge the split-KV partials of one segment and write its output."""
     segment = tl.program_id(0)
@@ -189,11 +193,11 @@ def _combine_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for split in range(num_splits):
-        acc_other, m_other, l_other = load_partial(
-            PartAcc, PartM, PartL, segment * num_splits + split, BLOCK_M, BLOCK_D
+    for first in range(0, num_splits, CHUNK):
+        splits = first + tl.arange(0, CHUNK)
+        acc, m_i, l_i = merge_stored_partials(
+            acc, m_i, l_i, PartAcc, PartM, PartL, segment * num_splits + splits, splits < num_splits, BLOCK_M, BLOCK_D
         )
-        acc, m_i, l_i = merge_partial(acc, m_i, l_i, acc_other, m_other, l_other)
     out, _ = attn_fwd_finish(acc, m_i, l_i)
     store_packed_output(
         Out, out, batch, kv_head, head_in_group, positions, valid, tl.arange(0, BLOCK_D),
@@ -237,7 +241,7 @@ def _streamk_kernel(
     num_kv_heads, group_size, row_tiles, seq_q, seq_k, scale,
     tiles_per_segment, tiles_per_program, programs_with_extra,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_KEY_PADDING: tl.constexpr,
+    HAS_KEY_PADDING: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
     """Persistent stream-K decode: this program's contiguous range of flat key tiles, segment by segment."""
     program = tl.program_id(0)
@@ -278,10 +282,12 @@ def _streamk_kernel(
                 acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
                 m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
                 l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-                for owner in range(first_owner, last_owner + 1):
-                    owner_slot = streamk_slot(owner, segment, tiles_per_segment, tiles_per_program, programs_with_extra)
-                    acc_other, m_other, l_other = load_partial(PartAcc, PartM, PartL, owner_slot, BLOCK_M, BLOCK_D)
-                    acc, m_i, l_i = merge_partial(acc, m_i, l_i, acc_other, m_other, l_other)
+                for first in range(first_owner, last_owner + 1, CHUNK):
+                    owners = first + tl.arange(0, CHUNK)
+                    slots = streamk_slot(owners, segment, tiles_per_segment, tiles_per_program, programs_with_extra)
+                    acc, m_i, l_i = merge_stored_partials(
+                        acc, m_i, l_i, PartAcc, PartM, PartL, slots, owners <= last_owner, BLOCK_M, BLOCK_D
+                    )
                 tl.atomic_xchg(Arrivals + segment, 0)  # ready for the next launch
         if write_output:
             out, _ = attn_fwd_finish(acc, m_i, l_i)
