@@ -194,8 +194,9 @@ def _plan(
 
 
 # Stream-K arrival counters, one int32 per segment, per device. Zero between launches: the last arriver of each split
-# segment resets its own. Kept across calls so a launch needs no memset (and a CUDA graph replays without one); it
-# assumes one decode launch at a time per device, as one generation stream gives.
+# segment resets its own. Kept across calls, like the partials' workspace, so a launch needs no memset or allocation
+# (and a CUDA graph replays without them); both assume one decode launch at a time per device, as one generation
+# stream gives.
 _ARRIVALS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -205,6 +206,18 @@ def _arrival_counters(device: torch.device, count: int) -> torch.Tensor:
         counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
         _ARRIVALS[device] = counters
     return counters
+
+
+def _workspace(device: torch.device, numel: int) -> torch.Tensor:
+    """fp32 scratch for partials, kept per device like the arrival counters: a decode step allocates only its output."""
+    buffer = _WORKSPACE.get(device)
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(max(numel, 1 << 20), dtype=torch.float32, device=device)
+        _WORKSPACE[device] = buffer
+    return buffer
+
+
+_WORKSPACE: dict[torch.device, torch.Tensor] = {}
 
 
 def decode_fwd(q, k, v, key_padding, scale: float, plan: DecodePlan) -> torch.Tensor:
@@ -217,9 +230,9 @@ def decode_fwd(q, k, v, key_padding, scale: float, plan: DecodePlan) -> torch.Te
     kpad, stride_kpad = key_padding_arg(key_padding, q)
     config = plan.config
     slots = {"single": 0, "split": plan.segments * plan.splits_per_segment, "streamk": 2 * plan.grid[0]}[plan.strategy]
-    part_acc = torch.empty(slots * plan.block_m * block_d, device=q.device, dtype=torch.float32)
-    part_m = torch.empty(slots * plan.block_m, device=q.device, dtype=torch.float32)
-    part_l = torch.empty_like(part_m)
+    rows = slots * plan.block_m
+    workspace = _workspace(q.device, rows * (block_d + 2))
+    part_acc, part_m, part_l = workspace[: rows * block_d], workspace[-2 * rows :][:rows], workspace[-rows:]
     strides = (
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -237,8 +250,8 @@ def decode_fwd(q, k, v, key_padding, scale: float, plan: DecodePlan) -> torch.Te
         "num_stages": config.num_stages,
     }
     shape_args = (kv_heads, q_heads // kv_heads, plan.row_tiles, seq_q, seq_k, scale)
-    chunk = max(1, min(plan.splits_per_segment, _MERGE_ELEMENTS // (plan.block_m * block_d)))
-    chunk = 1 << (chunk.bit_length() - 1)  # a power of two, for tl.arange
+    chunk = max(2, min(plan.splits_per_segment, _MERGE_ELEMENTS // (plan.block_m * block_d)))
+    chunk = 1 << (chunk.bit_length() - 1)  # a power of two >= 2 (tl.arange; no size-1 dimension)
     if plan.strategy == "streamk":
         programs = plan.grid[0]
         per_program, with_extra = _streamk_split(plan.segments * plan.tiles_per_segment, programs)
@@ -262,6 +275,17 @@ def decode_fwd(q, k, v, key_padding, scale: float, plan: DecodePlan) -> torch.Te
     return out
 
 
+def _decode_fwd_op_impl(q, k, v, key_padding, scale: float, strategy: str, tuning: list[int | None]) -> torch.Tensor:
+    block_n, num_warps, num_stages, programs_per_sm, num_splits, num_programs = (t or None for t in tuning)
+    batch, q_heads, seq_q, head_dim = q.shape
+    plan = plan_decode(
+        batch, q_heads, k.shape[1], seq_q, k.shape[2], head_dim, q.device, strategy,
+        block_n=block_n, num_warps=num_warps, num_stages=num_stages, programs_per_sm=programs_per_sm,
+        num_splits=num_splits, num_programs=num_programs,
+    )  # fmt: skip
+    return decode_fwd(q, k, v, key_padding, scale, plan)
+
+
 @torch.library.custom_op("hf_fastattn::decode_fwd", mutates_args=())
 def _decode_fwd_op(
     q: torch.Tensor,
@@ -272,14 +296,7 @@ def _decode_fwd_op(
     strategy: str,
     tuning: list[int],
 ) -> torch.Tensor:
-    block_n, num_warps, num_stages, programs_per_sm, num_splits, num_programs = (t or None for t in tuning)
-    batch, q_heads, seq_q, head_dim = q.shape
-    plan = plan_decode(
-        batch, q_heads, k.shape[1], seq_q, k.shape[2], head_dim, q.device, strategy,
-        block_n=block_n, num_warps=num_warps, num_stages=num_stages, programs_per_sm=programs_per_sm,
-        num_splits=num_splits, num_programs=num_programs,
-    )  # fmt: skip
-    return decode_fwd(q, k, v, key_padding, scale, plan)
+    return _decode_fwd_op_impl(q, k, v, key_padding, scale, strategy, tuning)
 
 
 @_decode_fwd_op.register_fake
@@ -317,4 +334,7 @@ def decode_attention(
         raise ValueError(f"decode_attention needs 1 <= S_q <= S_kv, got S_q={q.shape[2]}, S_kv={k.shape[2]}")
     key_padding = None if key_padding is None else key_padding.view(torch.uint8)
     tuning = [block_n, num_warps, num_stages, programs_per_sm, num_splits, num_programs]
-    return _decode_fwd_op(q, k, v, key_padding, scale, strategy, [t or 0 for t in tuning])
+    if torch.compiler.is_compiling():
+        return _decode_fwd_op(q, k, v, key_padding, scale, strategy, [t or 0 for t in tuning])
+    # Eager decode runs once per layer and token, and its kernel takes microseconds: skip the custom op's dispatch.
+    return _decode_fwd_op_impl(q, k, v, key_padding, scale, strategy, tuning)

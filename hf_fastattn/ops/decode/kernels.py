@@ -38,9 +38,10 @@ from ..dense.fwd import attn_fwd_finish, attn_fwd_tile_range
 
 @triton.jit
 def segment_coordinates(segment, num_kv_heads, row_tiles):
-    """(batch, KV head, row tile) of a segment; segments are numbered batch-major, row tiles innermost."""
+    """(batch, KV head, row tile) of a segment; segments are numbered batch-major, row tiles innermost. The batch
+    and head come back as int64: a cache of 16 x 512k tokens puts element offsets past 2^31."""
     row_tile = segment % row_tiles
-    batch_head = segment // row_tiles
+    batch_head = (segment // row_tiles).to(tl.int64)
     return batch_head // num_kv_heads, batch_head % num_kv_heads, row_tile
 
 
