@@ -7,7 +7,8 @@ Auto-selection (``strategy="auto"``), from the measurements in ``benchmarks/resu
 
 * ``single`` when there are enough segments (batch x KV heads x row tiles) to fill the GPU by themselves
   (``>= 0.8 x SMs``, FlashAttention's threshold for not splitting) or the cache is only a few key tiles long;
-* ``streamk`` otherwise: every SM gets the same number of key tiles, whatever the segment count.
+* ``split`` otherwise (FlashAttention-2's split count): measured at least as fast as ``streamk`` on every shape of
+  the benchmark grid, where equal splits per segment already fill whole waves.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ _FILL_FRACTION = 0.8
 # FlashAttention's split-KV heuristic: the fewest splits whose wave efficiency is within 85% of the best.
 _SPLIT_EFFICIENCY = 0.85
 _MAX_SPLITS = 128
-# fp32 partial elements merged per step (a chunk of partials loaded at once): 64 registers a thread at 4 warps.
+# fp32 partial elements one combine program loads at once (a chunk of partials of one row): 64 registers a thread.
 _MERGE_ELEMENTS = 8192
 # The interpreter runs programs one by one: small tiles and a few "SMs" keep tests fast and still cross segments.
 _INTERPRETER_BLOCK = 16
@@ -42,12 +43,13 @@ _INTERPRETER_SMS = 3
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Tile configuration of the decode kernels; ``programs_per_sm`` sizes stream-K's persistent grid."""
+    """Tile configuration of the decode kernels. ``programs_per_sm`` sizes stream-K's persistent grid: one per SM by
+    default, measured fastest, and always co-resident (a program that compiles fits on an SM)."""
 
     block_n: int
     num_warps: int = 4
     num_stages: int = 3
-    programs_per_sm: int = 2
+    programs_per_sm: int = 1
 
 
 def default_config(head_dim: int) -> DecodeConfig:
@@ -180,7 +182,7 @@ def _plan(
 
     if strategy == "auto":
         fills_gpu = segments >= _FILL_FRACTION * sms
-        strategy = "single" if fills_gpu or tiles_per_segment <= 2 else "streamk"
+        strategy = "single" if fills_gpu or tiles_per_segment <= 2 else "split"
     if strategy == "single":
         return DecodePlan(strategy, block_m, config, segments, row_tiles, tiles_per_segment, 1, (1, segments))
     if strategy == "split":
@@ -193,23 +195,9 @@ def _plan(
     return DecodePlan(strategy, block_m, config, segments, row_tiles, tiles_per_segment, sharing, (programs,))
 
 
-# Stream-K arrival counters, one int32 per segment, per device. Zero between launches: the last arriver of each split
-# segment resets its own. Kept across calls, like the partials' workspace, so a launch needs no memset or allocation
-# (and a CUDA graph replays without them); both assume one decode launch at a time per device, as one generation
-# stream gives.
-_ARRIVALS: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrival_counters(device: torch.device, count: int) -> torch.Tensor:
-    counters = _ARRIVALS.get(device)
-    if counters is None or counters.numel() < count:
-        counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
-        _ARRIVALS[device] = counters
-    return counters
-
-
 def _workspace(device: torch.device, numel: int) -> torch.Tensor:
-    """fp32 scratch for partials, kept per device like the arrival counters: a decode step allocates only its output."""
+    """fp32 scratch for partials, kept per device so a decode step allocates only its output (and a CUDA graph
+    replays without allocations). Launches on one stream run in order, so consecutive steps may share it."""
     buffer = _WORKSPACE.get(device)
     if buffer is None or buffer.numel() < numel:
         buffer = torch.empty(max(numel, 1 << 20), dtype=torch.float32, device=device)
@@ -250,27 +238,26 @@ def decode_fwd(q, k, v, key_padding, scale: float, plan: DecodePlan) -> torch.Te
         "num_stages": config.num_stages,
     }
     shape_args = (kv_heads, q_heads // kv_heads, plan.row_tiles, seq_q, seq_k, scale)
-    chunk = max(2, min(plan.splits_per_segment, _MERGE_ELEMENTS // (plan.block_m * block_d)))
-    chunk = 1 << (chunk.bit_length() - 1)  # a power of two >= 2 (tl.arange; no size-1 dimension)
+    chunk = max(16, min(next_power_of_2(plan.splits_per_segment), _MERGE_ELEMENTS // block_d))
+    per_program = with_extra = 0
     if plan.strategy == "streamk":
-        programs = plan.grid[0]
-        per_program, with_extra = _streamk_split(plan.segments * plan.tiles_per_segment, programs)
-        arrivals = _arrival_counters(q.device, plan.segments)
+        per_program, with_extra = _streamk_split(plan.segments * plan.tiles_per_segment, plan.grid[0])
         _streamk_kernel[plan.grid](
-            q, k, v, kpad, out, part_acc, part_m, part_l, arrivals, *strides, *shape_args,
-            plan.tiles_per_segment, per_program, with_extra, CHUNK=chunk, **meta,
+            q, k, v, kpad, out, part_acc, part_m, part_l, *strides, *shape_args,
+            plan.tiles_per_segment, per_program, with_extra, **meta,
         )  # fmt: skip
-        return out
-    splits = plan.splits_per_segment
-    _split_kv_kernel[plan.grid](
-        q, k, v, kpad, out, part_acc, part_m, part_l, *strides, *shape_args,
-        triton.cdiv(plan.tiles_per_segment, splits), WRITE_OUTPUT=splits == 1, **meta,
-    )  # fmt: skip
-    if splits > 1:
-        _combine_kernel[(plan.segments,)](
+    else:
+        _split_kv_kernel[plan.grid](
+            q, k, v, kpad, out, part_acc, part_m, part_l, *strides, *shape_args,
+            triton.cdiv(plan.tiles_per_segment, plan.splits_per_segment),
+            WRITE_OUTPUT=plan.splits_per_segment == 1, **meta,
+        )  # fmt: skip
+    if plan.splits_per_segment > 1:
+        _combine_kernel[(plan.segments, plan.block_m)](
             out, part_acc, part_m, part_l, out.stride(0), out.stride(1), out.stride(2),
-            kv_heads, q_heads // kv_heads, plan.row_tiles, seq_q, splits,
-            HEAD_DIM=head_dim, BLOCK_M=plan.block_m, BLOCK_D=block_d, CHUNK=chunk, num_warps=config.num_warps,
+            kv_heads, q_heads // kv_heads, plan.row_tiles, seq_q,
+            plan.splits_per_segment, plan.tiles_per_segment, per_program, with_extra,
+            HEAD_DIM=head_dim, BLOCK_M=plan.block_m, BLOCK_D=block_d, CHUNK=chunk, STREAMK=plan.strategy == "streamk",
         )  # fmt: skip
     return out
 

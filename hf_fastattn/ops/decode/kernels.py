@@ -8,20 +8,23 @@ than SMs. The kernels therefore:
 * **split the key sequence** across programs. A *segment* is the work of one query tile: (batch, KV head, row tile)
   over all ``T = cdiv(S_kv, BLOCK_N)`` key tiles. Partial results ``(acc, m, l)`` (unnormalised accumulator, running
   max in log2 units, denominator) of any key ranges merge exactly with the associative online-softmax rescale
-  (:func:`merge_stored_partials`), whatever the split sizes.
+  (``_combine_kernel``), whatever the split sizes.
 
 Three schedules share one inner loop (:func:`attend_key_range`, the dense skeleton's tile loop):
 
 * ``single``: one program per segment, which normalises and writes the output (``_split_kv_kernel`` with one split);
 * ``split``: FlashDecoding's split-KV, ``num_splits`` equal key chunks per segment, partials to scratch, then
   ``_combine_kernel`` merges them;
-* ``streamk`` (LeanAttention): a persistent grid of ``G`` programs splits the flat list of all segments' key tiles into
-  ``G`` contiguous ranges that differ by at most one tile, crossing segment boundaries freely. A segment covered by one
-  program is finished in place. Otherwise each contributing program writes its partial to scratch and increments the
-  segment's arrival counter; the **last** to arrive merges all partials and writes the output, then resets the
-  counter to zero for the next launch. Nobody waits on anybody, so correctness needs no co-residency (the grid is still
-  capped at what fits on the GPU at once, to stay persistent) and the interpreter, which runs programs one after
-  another, executes the same code.
+* ``streamk`` (LeanAttention): a persistent grid of ``G`` programs (one per SM by default) splits the flat list of all
+  segments' key tiles into ``G`` contiguous ranges that differ by at most one tile, crossing segment boundaries
+  freely. A segment covered by one program is finished in place; the others' partials are merged by the same
+  ``_combine_kernel``, which derives each segment's contributors from the schedule.
+
+LeanAttention merges inside the persistent kernel (a host block spins on flags set by the others). Here the merge is a
+second launch: nobody waits on anybody, so correctness needs no co-residency and the interpreter (which runs programs
+one after another) executes the same code; one program per row loads a whole chunk of partials at once. An in-kernel
+last-arriver merge was tried first: its one-partial-at-a-time loads were slower, and its chunked 3-D form failed to
+compile for some tile shapes (benchmarks/NOTES.md).
 
 Causality is bottom-right: query position ``i`` sees keys ``j <= i + S_kv - S_q``; ``S_q <= S_kv`` is required.
 An optional ``(B, S_kv)`` key-padding mask (non-zero = attend) covers left-padded batches; a row that sees no key
@@ -112,31 +115,6 @@ def store_partial(PartAcc, PartM, PartL, slot, acc, m_i, l_i, BLOCK_M: tl.conste
 
 
 @triton.jit
-def merge_stored_partials(
-    acc, m_i, l_i, PartAcc, PartM, PartL, slots, slot_valid, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr
-):
-    """Merge a chunk of stored partials (``slots``, masked by ``slot_valid``) into ``(acc, m, l)`` in one step, with
-    the associative online-softmax rescale (empty partials have m = -inf, l = 0).
-
-    Loading the whole chunk at once keeps all its reads in flight: merging one partial per loop iteration would
-    wait a full memory latency per partial, and a segment can have dozens.
-    """
-    rows = tl.arange(0, BLOCK_M)
-    row_ptrs = slots[:, None] * BLOCK_M + rows[None, :]
-    tile_ptrs = row_ptrs[:, :, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, None, :]
-    # .cg reads from L2: the partials were written by other programs, possibly on other SMs.
-    m_parts = tl.load(PartM + row_ptrs, mask=slot_valid[:, None], other=float("-inf"), cache_modifier=".cg")
-    l_parts = tl.load(PartL + row_ptrs, mask=slot_valid[:, None], other=0.0, cache_modifier=".cg")
-    acc_parts = tl.load(PartAcc + tile_ptrs, mask=slot_valid[:, None, None], other=0.0, cache_modifier=".cg")
-    m_new = tl.maximum(m_i, tl.max(m_parts, 0))
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_shift)
-    weights = tl.math.exp2(m_parts - m_shift[None, :])
-    acc = acc * alpha[:, None] + tl.sum(acc_parts * weights[:, :, None], 0)
-    return acc, m_new, l_i * alpha + tl.sum(l_parts * weights, 0)
-
-
-@triton.jit
 def _split_kv_kernel(
     Q, K, V, KPAD, Out, PartAcc, PartM, PartL,
     stride_qb, stride_qh, stride_qm,
@@ -181,32 +159,6 @@ def _split_kv_kernel(
 
 
 @triton.jit
-def _combine_kernel(
-    Out, PartAcc, PartM, PartL,
-    stride_ob, stride_oh, stride_om,
-    num_kv_heads, group_size, row_tiles, seq_q, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
-):  # fmt: skip
-    """Merge the split-KV partials of one segment and write its output."""
-    segment = tl.program_id(0)
-    batch, kv_head, row_tile = segment_coordinates(segment, num_kv_heads, row_tiles)
-    head_in_group, positions, valid = packed_rows(row_tile, group_size, seq_q, BLOCK_M)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for first in range(0, num_splits, CHUNK):
-        splits = first + tl.arange(0, CHUNK)
-        acc, m_i, l_i = merge_stored_partials(
-            acc, m_i, l_i, PartAcc, PartM, PartL, segment * num_splits + splits, splits < num_splits, BLOCK_M, BLOCK_D
-        )
-    out, _ = attn_fwd_finish(acc, m_i, l_i)
-    store_packed_output(
-        Out, out, batch, kv_head, head_in_group, positions, valid, tl.arange(0, BLOCK_D),
-        stride_ob, stride_oh, stride_om, group_size, HEAD_DIM,
-    )  # fmt: skip
-
-
-@triton.jit
 def streamk_range_start(program, tiles_per_program, programs_with_extra):
     """First flat tile of a program: the first ``programs_with_extra`` programs take one tile more than the rest."""
     return program * tiles_per_program + tl.minimum(program, programs_with_extra)
@@ -233,7 +185,7 @@ def streamk_slot(program, segment, tiles_per_segment, tiles_per_program, program
 
 @triton.jit
 def _streamk_kernel(
-    Q, K, V, KPAD, Out, PartAcc, PartM, PartL, Arrivals,
+    Q, K, V, KPAD, Out, PartAcc, PartM, PartL,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -242,7 +194,7 @@ def _streamk_kernel(
     num_kv_heads, group_size, row_tiles, seq_q, seq_k, scale,
     tiles_per_segment, tiles_per_program, programs_with_extra,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_KEY_PADDING: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_KEY_PADDING: tl.constexpr,
 ):  # fmt: skip
     """Persistent stream-K decode: this program's contiguous range of flat key tiles, segment by segment."""
     program = tl.program_id(0)
@@ -271,29 +223,70 @@ def _streamk_kernel(
 
         first_owner = streamk_owner(segment_start, tiles_per_program, programs_with_extra)
         last_owner = streamk_owner(segment_start + tiles_per_segment - 1, tiles_per_program, programs_with_extra)
-        write_output = first_owner == last_owner
-        if not write_output:
-            slot = streamk_slot(program, segment, tiles_per_segment, tiles_per_program, programs_with_extra)
-            store_partial(PartAcc, PartM, PartL, slot, acc, m_i, l_i, BLOCK_M, BLOCK_D)
-            # Every thread's partial is stored before the counter moves; acq_rel publishes them to the last arriver.
-            tl.debug_barrier()
-            arrived_before = tl.atomic_add(Arrivals + segment, 1, sem="acq_rel")
-            write_output = arrived_before == last_owner - first_owner
-            if write_output:
-                acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-                m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-                l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-                for first in range(first_owner, last_owner + 1, CHUNK):
-                    owners = first + tl.arange(0, CHUNK)
-                    slots = streamk_slot(owners, segment, tiles_per_segment, tiles_per_program, programs_with_extra)
-                    acc, m_i, l_i = merge_stored_partials(
-                        acc, m_i, l_i, PartAcc, PartM, PartL, slots, owners <= last_owner, BLOCK_M, BLOCK_D
-                    )
-                tl.atomic_xchg(Arrivals + segment, 0)  # ready for the next launch
-        if write_output:
+        if first_owner == last_owner:
             out, _ = attn_fwd_finish(acc, m_i, l_i)
             store_packed_output(
                 Out, out, batch, kv_head, head_in_group, positions, valid, offs_d,
                 stride_ob, stride_oh, stride_om, group_size, HEAD_DIM,
             )  # fmt: skip
+        else:
+            slot = streamk_slot(program, segment, tiles_per_segment, tiles_per_program, programs_with_extra)
+            store_partial(PartAcc, PartM, PartL, slot, acc, m_i, l_i, BLOCK_M, BLOCK_D)
         tile = stop
+
+
+@triton.jit
+def _combine_kernel(
+    Out, PartAcc, PartM, PartL,
+    stride_ob, stride_oh, stride_om,
+    num_kv_heads, group_size, row_tiles, seq_q,
+    num_splits, tiles_per_segment, tiles_per_program, programs_with_extra,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+    STREAMK: tl.constexpr,
+):  # fmt: skip
+    """Program (segment, row): merge the row's partials and write its output.
+
+    Split-KV partials of a segment sit in slots ``segment * num_splits + split``. Stream-K's contributors are the
+    programs owning the segment's first to last key tile (a segment one program finished is skipped here). One row
+    per program, ``CHUNK`` partials per load, so every partial's read is in flight at once instead of one memory
+    latency per partial.
+    """
+    segment = tl.program_id(0)
+    row = tl.program_id(1)
+    if STREAMK:
+        segment_start = segment * tiles_per_segment
+        first = streamk_owner(segment_start, tiles_per_program, programs_with_extra)
+        count = streamk_owner(segment_start + tiles_per_segment - 1, tiles_per_program, programs_with_extra) - first + 1
+    else:
+        first = segment * num_splits
+        count = num_splits
+    batch, kv_head, row_tile = segment_coordinates(segment, num_kv_heads, row_tiles)
+    packed_row = row_tile * BLOCK_M + row
+    if (count > 1) & (packed_row < group_size * seq_q):
+        offs_d = tl.arange(0, BLOCK_D)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        m_i = tl.max(tl.full([CHUNK], float("-inf"), dtype=tl.float32), 0)
+        l_i = tl.sum(tl.zeros([CHUNK], dtype=tl.float32), 0)
+        for start in range(0, count, CHUNK):
+            index = start + tl.arange(0, CHUNK)
+            if STREAMK:
+                slots = streamk_slot(first + index, segment, tiles_per_segment, tiles_per_program, programs_with_extra)
+            else:
+                slots = first + index
+            present = index < count
+            # .cg reads from L2: the partials were written by other programs, possibly on other SMs.
+            m_parts = tl.load(PartM + slots * BLOCK_M + row, mask=present, other=float("-inf"), cache_modifier=".cg")
+            l_parts = tl.load(PartL + slots * BLOCK_M + row, mask=present, other=0.0, cache_modifier=".cg")
+            acc_ptrs = PartAcc + (slots[:, None] * BLOCK_M + row) * BLOCK_D + offs_d[None, :]
+            acc_parts = tl.load(acc_ptrs, mask=present[:, None], other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m_i, tl.max(m_parts, 0))
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_shift)
+            weights = tl.math.exp2(m_parts - m_shift)
+            acc = acc * alpha + tl.sum(acc_parts * weights[:, None], 0)
+            l_i = l_i * alpha + tl.sum(l_parts * weights, 0)
+            m_i = m_new
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)
+        head = kv_head * group_size + packed_row // seq_q
+        ptrs = Out + batch * stride_ob + head * stride_oh + (packed_row % seq_q) * stride_om + offs_d
+        tl.store(ptrs, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
