@@ -244,8 +244,7 @@ def decode_fwd(q, k, v, key_padding, scale: float, plan: DecodePlan) -> torch.Te
         per_program, with_extra = _streamk_split(plan.segments * plan.tiles_per_segment, plan.grid[0])
         _streamk_kernel[plan.grid](
             q, k, v, kpad, out, part_acc, part_m, part_l, *strides, *shape_args,
-            plan.tiles_per_segment, per_program, with_extra,
-            triton.cdiv(per_program + 1, plan.tiles_per_segment) + 1, **meta,
+            plan.tiles_per_segment, per_program, with_extra, **meta,
         )  # fmt: skip
     else:
         _split_kv_kernel[plan.grid](

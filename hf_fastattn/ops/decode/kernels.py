@@ -192,7 +192,7 @@ def _streamk_kernel(
     stride_ob, stride_oh, stride_om,
     stride_kpad_b,
     num_kv_heads, group_size, row_tiles, seq_q, seq_k, scale,
-    tiles_per_segment, tiles_per_program, programs_with_extra, max_segments_per_program,
+    tiles_per_segment, tiles_per_program, programs_with_extra,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_KEY_PADDING: tl.constexpr,
 ):  # fmt: skip
@@ -203,38 +203,36 @@ def _streamk_kernel(
     qk_scale = scale * 1.4426950408889634
     tile = streamk_range_start(program, tiles_per_program, programs_with_extra)
     end = tile + tiles_per_program + (program < programs_with_extra).to(tl.int32)
-    # A bounded for loop, not `while tile < end`: Triton 3.6 failed to compile the while form for some tile shapes.
-    for _ in range(max_segments_per_program):
-        if tile < end:
-            segment = tile // tiles_per_segment
-            segment_start = segment * tiles_per_segment
-            stop = tl.minimum(segment_start + tiles_per_segment, end)
-            batch, kv_head, row_tile = segment_coordinates(segment, num_kv_heads, row_tiles)
-            head_in_group, positions, valid = packed_rows(row_tile, group_size, seq_q, BLOCK_M)
-            q = load_packed_queries(
-                Q, batch, kv_head, head_in_group, positions, valid, offs_d,
-                stride_qb, stride_qh, stride_qm, group_size, HEAD_DIM, BLOCK_D,
-            )  # fmt: skip
-            acc, m_i, l_i = attend_key_range(
-                q, positions,
-                K + batch * stride_kb + kv_head * stride_kh, V + batch * stride_vb + kv_head * stride_vh,
-                KPAD + batch * stride_kpad_b, (tile - segment_start) * BLOCK_N, (stop - segment_start) * BLOCK_N,
-                offs_n, offs_d, stride_kn, stride_vn, seq_q, seq_k, qk_scale,
-                HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_KEY_PADDING,
-            )  # fmt: skip
+    while tile < end:
+        segment = tile // tiles_per_segment
+        segment_start = segment * tiles_per_segment
+        stop = tl.minimum(segment_start + tiles_per_segment, end)
+        batch, kv_head, row_tile = segment_coordinates(segment, num_kv_heads, row_tiles)
+        head_in_group, positions, valid = packed_rows(row_tile, group_size, seq_q, BLOCK_M)
+        q = load_packed_queries(
+            Q, batch, kv_head, head_in_group, positions, valid, offs_d,
+            stride_qb, stride_qh, stride_qm, group_size, HEAD_DIM, BLOCK_D,
+        )  # fmt: skip
+        acc, m_i, l_i = attend_key_range(
+            q, positions,
+            K + batch * stride_kb + kv_head * stride_kh, V + batch * stride_vb + kv_head * stride_vh,
+            KPAD + batch * stride_kpad_b, (tile - segment_start) * BLOCK_N, (stop - segment_start) * BLOCK_N,
+            offs_n, offs_d, stride_kn, stride_vn, seq_q, seq_k, qk_scale,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_KEY_PADDING,
+        )  # fmt: skip
 
-            first_owner = streamk_owner(segment_start, tiles_per_program, programs_with_extra)
-            last_owner = streamk_owner(segment_start + tiles_per_segment - 1, tiles_per_program, programs_with_extra)
-            if first_owner == last_owner:
-                out, _ = attn_fwd_finish(acc, m_i, l_i)
-                store_packed_output(
-                    Out, out, batch, kv_head, head_in_group, positions, valid, offs_d,
-                    stride_ob, stride_oh, stride_om, group_size, HEAD_DIM,
-                )  # fmt: skip
-            else:
-                slot = streamk_slot(program, segment, tiles_per_segment, tiles_per_program, programs_with_extra)
-                store_partial(PartAcc, PartM, PartL, slot, acc, m_i, l_i, BLOCK_M, BLOCK_D)
-            tile = stop
+        first_owner = streamk_owner(segment_start, tiles_per_program, programs_with_extra)
+        last_owner = streamk_owner(segment_start + tiles_per_segment - 1, tiles_per_program, programs_with_extra)
+        if first_owner == last_owner:
+            out, _ = attn_fwd_finish(acc, m_i, l_i)
+            store_packed_output(
+                Out, out, batch, kv_head, head_in_group, positions, valid, offs_d,
+                stride_ob, stride_oh, stride_om, group_size, HEAD_DIM,
+            )  # fmt: skip
+        else:
+            slot = streamk_slot(program, segment, tiles_per_segment, tiles_per_program, programs_with_extra)
+            store_partial(PartAcc, PartM, PartL, slot, acc, m_i, l_i, BLOCK_M, BLOCK_D)
+        tile = stop
 
 
 @triton.jit
