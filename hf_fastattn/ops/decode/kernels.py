@@ -183,7 +183,9 @@ def streamk_slot(program, segment, tiles_per_segment, tiles_per_program, program
     return 2 * program + (segment != first_segment).to(tl.int32)
 
 
-@triton.jit
+# Schedule integers are never specialised: a value of 1 (e.g. a cache of one key tile) folded into the IR made Triton
+# 3.6's coalesce pass fail an assertion.
+@triton.jit(do_not_specialize=["tiles_per_segment", "tiles_per_program", "programs_with_extra"])
 def _streamk_kernel(
     Q, K, V, KPAD, Out, PartAcc, PartM, PartL,
     stride_qb, stride_qh, stride_qm,
