@@ -7,8 +7,11 @@ Auto-selection (``strategy="auto"``), from the measurements in ``benchmarks/resu
 
 * ``single`` when there are enough segments (batch x KV heads x row tiles) to fill the GPU by themselves
   (``>= 0.8 x SMs``, FlashAttention's threshold for not splitting) or the cache is only a few key tiles long;
-* ``split`` otherwise (FlashAttention-2's split count): measured at least as fast as ``streamk`` on every shape of
-  the benchmark grid, where equal splits per segment already fill whole waves.
+* ``streamk`` from a quarter of the SMs' worth of segments up to that: FlashAttention's split counts make whole
+  waves only roughly (48 segments x 5 splits = 1.8 waves of 132 SMs), and stream-K's equal shares win at long
+  contexts (1.02x vs 0.99x SDPA-flash at batch 16, 9/3 heads, 128k-512k);
+* ``split`` (FlashAttention-2's split count) below that, where it measured as fast as stream-K or faster (batch 1-4:
+  1.38x vs 1.34x SDPA-flash at 8k, 32/8 heads, d128), with no uneven segment ends to merge.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ DECODE_MAX_QUERY = 16
 _MAX_BLOCK_M = 64
 # Segments per SM at and above which one program per segment already fills the GPU.
 _FILL_FRACTION = 0.8
+# From this many segments per SM (and below the fill threshold) split-KV's whole-wave split counts leave part of the
+# last wave idle at long contexts; stream-K's equal shares do not.
+_STREAMK_FRACTION = 0.25
 # FlashAttention's split-KV heuristic: the fewest splits whose wave efficiency is within 85% of the best.
 _SPLIT_EFFICIENCY = 0.85
 _MAX_SPLITS = 128
@@ -182,7 +188,10 @@ def _plan(
 
     if strategy == "auto":
         fills_gpu = segments >= _FILL_FRACTION * sms
-        strategy = "single" if fills_gpu or tiles_per_segment <= 2 else "split"
+        if fills_gpu or tiles_per_segment <= 2:
+            strategy = "single"
+        else:
+            strategy = "streamk" if segments >= _STREAMK_FRACTION * sms else "split"
     if strategy == "single":
         return DecodePlan(strategy, block_m, config, segments, row_tiles, tiles_per_segment, 1, (1, segments))
     if strategy == "split":
