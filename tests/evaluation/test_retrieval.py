@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 
 import hf_fastattn
 import hf_fastattn.dispatch
+import hf_fastattn.ops.decode.attention
 import hf_fastattn.ops.dense.attention
 from hf_fastattn.evaluation.retrieval import (
     CITIES,
@@ -338,17 +339,23 @@ def test_fastattn_dense_generates_what_eager_does(monkeypatch):
     assert fast.config._attn_implementation == "fastattn_dense"
 
     kernels = hf_fastattn.ops.dense.attention
-    kernel_query_lengths = []  # (B, H, S_q, D) queries: prompt prefill, then one token per decode step
-    dense_fwd = kernels.dense_fwd
+    decode_kernels = hf_fastattn.ops.decode.attention
+    kernel_query_lengths = []  # (B, H, S_q, D) queries: prompt prefill (dense), then one token per step (decode)
+    dense_fwd, decode_fwd = kernels.dense_fwd, decode_kernels.decode_fwd
 
     def recording_dense_fwd(q, *args, **kwargs):
         kernel_query_lengths.append(q.shape[2])
         return dense_fwd(q, *args, **kwargs)
 
+    def recording_decode_fwd(q, *args, **kwargs):
+        kernel_query_lengths.append(q.shape[2])
+        return decode_fwd(q, *args, **kwargs)
+
     def no_fallback(*args, **kwargs):
         raise AssertionError("fastattn_dense fell back to SDPA")
 
     monkeypatch.setattr(kernels, "dense_fwd", recording_dense_fwd)
+    monkeypatch.setattr(decode_kernels, "decode_fwd", recording_decode_fwd)
     monkeypatch.setattr(hf_fastattn.dispatch, "sdpa_fallback", no_fallback)
 
     # One case: each interpreted kernel call takes a fraction of a second.
