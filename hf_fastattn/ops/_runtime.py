@@ -44,6 +44,12 @@ def next_power_of_2(n: int) -> int:
     return 1 << (max(int(n), 1) - 1).bit_length()
 
 
+def check_tile_size(name: str, size: int) -> None:
+    """Tile sizes are powers of two (``tl.arange``) and at least 16 (the smallest ``tl.dot``); raises ValueError."""
+    if size < 16 or size & (size - 1):
+        raise ValueError(f"{name} must be a power of two >= 16, got {size}")
+
+
 def patch_interpreter_bf16() -> None:
     """Make bf16 arithmetic in Triton's interpreter match the GPU's (seen wrong in triton 3.6-3.9).
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_dense import make_key_padding, make_qkv
 
 from hf_fastattn.ops.bsfa import bsfa_attention, bsfa_attention_reference
 from hf_fastattn.ops.dense import dense_attention
@@ -25,38 +26,6 @@ from hf_fastattn.ops.dense import dense_attention
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 NEG_INF, POS_INF = float("-inf"), float("inf")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Inputs
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def make_qkv(batch, q_heads, kv_heads, seq_q, seq_k, head_dim, dtype, *, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, q_heads, seq_q, head_dim, generator=gen)
-    k = torch.randn(batch, kv_heads, seq_k, head_dim, generator=gen)
-    v = torch.randn(batch, kv_heads, seq_k, head_dim, generator=gen)
-    return [t.to(device=DEVICE, dtype=dtype) for t in (q, k, v)]
-
-
-def make_key_padding(kind: str, batch: int, seq_k: int, *, n: int = 3, seed: int = 0):
-    """``(B, S_kv)`` keep-mask or None: ``left`` masks the first ``n`` keys of row 0 (left padding), ``right`` the last
-    ``n`` keys of the last row, ``holes`` random keys, ``full`` all of row 0."""
-    if kind == "none":
-        return None
-    keep = torch.ones(batch, seq_k, dtype=torch.bool)
-    if kind == "left":
-        keep[0, : min(n, seq_k)] = False
-    elif kind == "right":
-        keep[-1, seq_k - min(n, seq_k) :] = False
-    elif kind == "holes":
-        keep = torch.rand(batch, seq_k, generator=torch.Generator().manual_seed(seed)) > 0.3
-    elif kind == "full":
-        keep[0] = False
-    else:
-        raise ValueError(kind)
-    return keep.to(DEVICE)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -226,7 +195,7 @@ def bsfa_problems(draw):
 
 
 def problem_inputs(p):
-    q, k, v = make_qkv(
+    q, k, v, _ = make_qkv(
         p["batch"], p["q_heads"], p["kv_heads"], p["seq_q"], p["seq_k"], p["head_dim"], p["dtype"], seed=p["seed"]
     )
     key_padding = make_key_padding(p["pad"], p["batch"], p["seq_k"], n=p["pad_n"], seed=p["seed"])
@@ -341,7 +310,7 @@ def case_id(case):
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
 def test_bsfa_kernel_matches_rule(case):
     batch, q_heads, kv_heads, seq_q, seq_k, head_dim, causal, pad, dtype, block_m, block_n = case
-    q, k, v = make_qkv(batch, q_heads, kv_heads, seq_q, seq_k, head_dim, dtype, seed=seq_q)
+    q, k, v, _ = make_qkv(batch, q_heads, kv_heads, seq_q, seq_k, head_dim, dtype, seed=seq_q)
     key_padding = make_key_padding(pad, batch, seq_k, n=20, seed=seq_k)
     kw = {"causal": causal, "key_padding": key_padding, "block_m": block_m, "block_n": block_n}
     got, _, empty = check_bsfa(q, k, v, midpoint_thresholds(q, k, kw, seed=seq_k), **kw)
@@ -356,7 +325,7 @@ def test_bsfa_plus_inf_keeps_only_always_kept_tiles(causal):
     """+inf skips every skippable tile: only the first tile and the diagonal remain. With left padding over the first
     key tile and more, the first rows of a bidirectional batch keep no visible key: zeros and LSE -inf, no NaN."""
     batch, seq, block = 2, 53, 16
-    q, k, v = make_qkv(batch, 2, 1, seq, seq, 32, torch.bfloat16, seed=5)
+    q, k, v, _ = make_qkv(batch, 2, 1, seq, seq, 32, torch.bfloat16, seed=5)
     key_padding = make_key_padding("left", batch, seq, n=20)
     kw = {"causal": causal, "key_padding": key_padding, "block_m": block, "block_n": block}
     got, keys, empty = check_bsfa(q, k, v, torch.full((2, 3), POS_INF, device=DEVICE), **kw)
@@ -380,7 +349,7 @@ def test_bsfa_chunked_prefill_reads_absolute_positions():
     """A chunk of the last queries against the whole cache reads the thresholds of its absolute query-tile positions:
     with a tile-aligned chunk its counts and output are the full prefill's last tiles'."""
     seq, chunk, block = 64, 32, 16
-    q, k, v = make_qkv(1, 2, 1, seq, seq, 32, torch.float16, seed=9)
+    q, k, v, _ = make_qkv(1, 2, 1, seq, seq, 32, torch.float16, seed=9)
     kw = {"causal": True, "key_padding": None, "block_m": block, "block_n": block}
     thresholds = midpoint_thresholds(q, k, kw, positions=seq // block, seed=1)
     full = bsfa_attention(q, k, v, thresholds, **kw)
@@ -396,7 +365,7 @@ def test_bsfa_chunked_prefill_reads_absolute_positions():
 
 @pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (16, 32), (32, 32)], ids=lambda b: f"{b[0]}x{b[1]}")
 def test_bsfa_minus_inf_equals_dense(blocks):
-    q, k, v = make_qkv(2, 2, 1, 41, 41, 32, torch.bfloat16, seed=2)
+    q, k, v, _ = make_qkv(2, 2, 1, 41, 41, 32, torch.bfloat16, seed=2)
     key_padding = make_key_padding("left", 2, 41, n=7)
     got = check_equals_dense(q, k, v, causal=True, key_padding=key_padding, block_m=blocks[0], block_n=blocks[1])
     assert got.stats.shape == (2, 2, math.ceil(41 / blocks[0]), 3)
@@ -428,7 +397,7 @@ def test_bsfa_minus_inf_equals_dense(blocks):
 @pytest.mark.parametrize("function", [bsfa_attention, bsfa_attention_reference], ids=["kernel", "reference"])
 def test_bsfa_input_validation(function, change, message):
     change = dict(change)
-    q, k, v = make_qkv(1, change.pop("q_heads", 2), change.pop("kv_heads", 1), 20, 20, 16, torch.float16)
+    q, k, v, _ = make_qkv(1, change.pop("q_heads", 2), change.pop("kv_heads", 1), 20, 20, 16, torch.float16)
     if change.pop("v", None):
         v = v[:, :, :7]
     kwargs = {"thresholds": torch.zeros(2, 2), "causal": True, "block_m": 16, "block_n": 16, **change}

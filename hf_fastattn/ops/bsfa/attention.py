@@ -12,11 +12,18 @@ from typing import NamedTuple
 import torch
 import triton
 
-from .._runtime import autotune_enabled, interpreter_enabled, next_power_of_2, patch_interpreter_bf16
+from .._runtime import (
+    autotune_enabled,
+    check_tile_size,
+    interpreter_enabled,
+    next_power_of_2,
+    patch_interpreter_bf16,
+)
 from ..dense.attention import (
     SUPPORTED_DTYPES,
     SUPPORTED_HEAD_DIMS,
     check_attention_inputs,
+    empty_hf_output,
     key_padding_arg,
     unit_last_stride,
 )
@@ -62,7 +69,7 @@ def bsfa_fwd(q, k, v, key_padding, thresholds, causal: bool, scale: float, block
     batch, num_q_heads, seq_q, head_dim = q.shape
     num_kv_heads, seq_k = k.shape[1], k.shape[2]
     num_m_tiles, num_n_tiles = triton.cdiv(seq_q, block_m), triton.cdiv(seq_k, block_n)
-    out = torch.empty(batch, seq_q, num_q_heads, head_dim, device=q.device, dtype=q.dtype).transpose(1, 2)
+    out = empty_hf_output(q)
     lse = torch.empty(batch, num_q_heads, seq_q, device=q.device, dtype=torch.float32)
     stats = torch.empty(batch, num_q_heads, num_m_tiles, 3, device=q.device, dtype=torch.int32)
     if record:
@@ -121,9 +128,9 @@ def _bsfa_fwd_op(
 
 @_bsfa_fwd_op.register_fake
 def _(q, k, v, key_padding, thresholds, causal, scale, block_m, block_n, record):
-    batch, num_q_heads, seq_q, head_dim = q.shape
+    batch, num_q_heads, seq_q, _ = q.shape
     num_m_tiles = -(-seq_q // block_m)
-    out = q.new_empty(batch, seq_q, num_q_heads, head_dim).transpose(1, 2)
+    out = empty_hf_output(q)
     lse = q.new_empty(batch, num_q_heads, seq_q, dtype=torch.float32)
     stats = q.new_empty(batch, num_q_heads, num_m_tiles, 3, dtype=torch.int32)
     shape = (batch, num_q_heads, num_m_tiles, -(-k.shape[2] // block_n)) if record else (0,)
@@ -143,9 +150,8 @@ def check_bsfa_inputs(q, k, v, thresholds, key_padding, scale, block_m, block_n)
             f"thresholds must be (query heads, query-tile positions) = ({q.shape[1]}, P >= 1); "
             f"got {tuple(thresholds.shape)}"
         )
-    for name, block in (("block_m", block_m), ("block_n", block_n)):
-        if block < 16 or block & (block - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {block}")
+    check_tile_size("block_m", block_m)
+    check_tile_size("block_n", block_n)
     return thresholds, key_padding, scale
 
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .._runtime import interpreter_enabled, next_power_of_2
-from ..dense.attention import check_attention_inputs, key_padding_arg, unit_last_stride
+from .._runtime import check_tile_size, interpreter_enabled, next_power_of_2
+from ..dense.attention import check_attention_inputs, empty_hf_output, key_padding_arg, unit_last_stride
 from .kernels import _combine_kernel, _split_kv_kernel, _streamk_kernel
 
 STRATEGIES = ("auto", "single", "split", "streamk")
@@ -125,6 +125,10 @@ def _streamk_max_sharing(tiles_per_segment: int, segments: int, programs: int) -
     return max(owner((s + 1) * tiles_per_segment - 1) - owner(s * tiles_per_segment) + 1 for s in range(segments))
 
 
+# Keywords that override the tuned launch (benchmarks and tests use them); None keeps the default.
+TUNING_KEYS = ("block_n", "num_warps", "num_stages", "programs_per_sm", "num_splits", "num_programs")
+
+
 def plan_decode(
     batch: int,
     q_heads: int,
@@ -134,22 +138,23 @@ def plan_decode(
     head_dim: int,
     device: torch.device | str,
     strategy: str = "auto",
-    *,
-    block_n: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-    programs_per_sm: int | None = None,
-    num_splits: int | None = None,
-    num_programs: int | None = None,
+    **tuning: int | None,
 ) -> DecodePlan:
-    """The launch for one decode call. Keywords override the tuned defaults (benchmarks and tests use them):
-    ``num_splits`` for ``split``, ``num_programs`` for ``streamk``'s grid (default SMs x ``programs_per_sm``)."""
+    """The launch for one decode call. ``tuning`` (any of :data:`TUNING_KEYS`) overrides the tuned defaults:
+    ``block_n``, ``num_warps``, ``num_stages``, ``programs_per_sm``; ``num_splits`` for ``split``; ``num_programs`` for
+    ``streamk``'s grid (default SMs x ``programs_per_sm``)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown decode strategy {strategy!r}; choose from {list(STRATEGIES)}")
-    return _plan(
-        batch, q_heads, kv_heads, seq_q, seq_k, head_dim, torch.device(device), strategy,
-        block_n, num_warps, num_stages, programs_per_sm, num_splits, num_programs,
-    )  # fmt: skip
+    overrides = (value or None for value in _tuning_values(tuning))
+    return _plan(batch, q_heads, kv_heads, seq_q, seq_k, head_dim, torch.device(device), strategy, *overrides)
+
+
+def _tuning_values(tuning: dict) -> list[int]:
+    """The tuning keywords in :data:`TUNING_KEYS` order, 0 where not given; raises TypeError on an unknown one."""
+    unknown = sorted(set(tuning) - set(TUNING_KEYS))
+    if unknown:
+        raise TypeError(f"unknown decode tuning keyword(s) {unknown}; valid: {list(TUNING_KEYS)}")
+    return [tuning.get(key) or 0 for key in TUNING_KEYS]
 
 
 # Every decode step of every layer asks for the same few plans.
@@ -177,8 +182,7 @@ def _plan(
         num_stages=num_stages or base.num_stages,
         programs_per_sm=programs_per_sm or base.programs_per_sm,
     )
-    if config.block_n < 16 or config.block_n & (config.block_n - 1):
-        raise ValueError(f"block_n must be a power of two >= 16, got {config.block_n}")
+    check_tile_size("block_n", config.block_n)
     rows = (q_heads // kv_heads) * seq_q
     block_m = min(max(16, next_power_of_2(rows)), _INTERPRETER_BLOCK if interpreter_enabled() else _MAX_BLOCK_M)
     row_tiles = triton.cdiv(rows, block_m)
@@ -220,10 +224,10 @@ _WORKSPACE: dict[torch.device, torch.Tensor] = {}
 def decode_fwd(q, k, v, key_padding, scale: float, plan: DecodePlan) -> torch.Tensor:
     """Launch ``plan``; returns the output in HF's ``(B, S_q, H_q, D)`` buffer, seen as ``(B, H_q, S_q, D)``."""
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
-    batch, q_heads, seq_q, head_dim = q.shape
+    _, q_heads, seq_q, head_dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     block_d = next_power_of_2(head_dim)
-    out = torch.empty(batch, seq_q, q_heads, head_dim, device=q.device, dtype=q.dtype).transpose(1, 2)
+    out = empty_hf_output(q)
     kpad, stride_kpad = key_padding_arg(key_padding, q)
     config = plan.config
     slots = {"single": 0, "split": plan.segments * plan.splits_per_segment, "streamk": 2 * plan.grid[0]}[plan.strategy]
@@ -271,14 +275,11 @@ def decode_fwd(q, k, v, key_padding, scale: float, plan: DecodePlan) -> torch.Te
     return out
 
 
-def _decode_fwd_op_impl(q, k, v, key_padding, scale: float, strategy: str, tuning: list[int | None]) -> torch.Tensor:
-    block_n, num_warps, num_stages, programs_per_sm, num_splits, num_programs = (t or None for t in tuning)
+def _decode_fwd_op_impl(q, k, v, key_padding, scale: float, strategy: str, tuning: list[int]) -> torch.Tensor:
+    """``tuning`` lists :data:`TUNING_KEYS` in order, 0 for the default (custom ops take no dicts or None items)."""
     batch, q_heads, seq_q, head_dim = q.shape
-    plan = plan_decode(
-        batch, q_heads, k.shape[1], seq_q, k.shape[2], head_dim, q.device, strategy,
-        block_n=block_n, num_warps=num_warps, num_stages=num_stages, programs_per_sm=programs_per_sm,
-        num_splits=num_splits, num_programs=num_programs,
-    )  # fmt: skip
+    overrides = dict(zip(TUNING_KEYS, tuning, strict=True))
+    plan = plan_decode(batch, q_heads, k.shape[1], seq_q, k.shape[2], head_dim, q.device, strategy, **overrides)
     return decode_fwd(q, k, v, key_padding, scale, plan)
 
 
@@ -297,8 +298,7 @@ def _decode_fwd_op(
 
 @_decode_fwd_op.register_fake
 def _(q, k, v, key_padding, scale, strategy, tuning):
-    batch, q_heads, seq_q, head_dim = q.shape
-    return q.new_empty(batch, seq_q, q_heads, head_dim).transpose(1, 2)
+    return empty_hf_output(q)
 
 
 def decode_attention(
@@ -309,28 +309,22 @@ def decode_attention(
     scale: float | None = None,
     key_padding: torch.Tensor | None = None,
     strategy: str = "auto",
-    block_n: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-    programs_per_sm: int | None = None,
-    num_splits: int | None = None,
-    num_programs: int | None = None,
+    **tuning: int | None,
 ) -> torch.Tensor:
     """Causal attention of a few queries against a KV cache, ``(B, H_q, S_q, D)`` in and out; forward only.
 
     Meant for decode (``S_q`` up to :data:`DECODE_MAX_QUERY`, any ``S_q <= S_kv`` works). Causality is bottom-right:
     query ``i`` sees keys ``<= i + S_kv - S_q``. ``key_padding`` is an optional ``(B, S_kv)`` mask (True/non-zero =
-    attend), e.g. a left-padded batch's. ``strategy`` is ``"auto"``, ``"single"``, ``"split"`` or ``"streamk"``; the
-    remaining keywords override the tuned launch (see :func:`plan_decode`).
+    attend), e.g. a left-padded batch's. ``strategy`` is ``"auto"``, ``"single"``, ``"split"`` or ``"streamk"``;
+    ``tuning`` keywords override the tuned launch (see :func:`plan_decode`).
     """
     key_padding, scale = check_attention_inputs(q, k, v, key_padding, scale, "decode_attention")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown decode strategy {strategy!r}; choose from {list(STRATEGIES)}")
     if not 1 <= q.shape[2] <= k.shape[2]:
         raise ValueError(f"decode_attention needs 1 <= S_q <= S_kv, got S_q={q.shape[2]}, S_kv={k.shape[2]}")
     key_padding = None if key_padding is None else key_padding.view(torch.uint8)
-    tuning = [block_n, num_warps, num_stages, programs_per_sm, num_splits, num_programs]
     if torch.compiler.is_compiling():
-        return _decode_fwd_op(q, k, v, key_padding, scale, strategy, [t or 0 for t in tuning])
+        return _decode_fwd_op(q, k, v, key_padding, scale, strategy, _tuning_values(tuning))
     # Eager decode runs once per layer and token, and its kernel takes microseconds: skip the custom op's dispatch.
-    return _decode_fwd_op_impl(q, k, v, key_padding, scale, strategy, tuning)
+    batch, q_heads, seq_q, head_dim = q.shape
+    plan = plan_decode(batch, q_heads, k.shape[1], seq_q, k.shape[2], head_dim, q.device, strategy, **tuning)
+    return decode_fwd(q, k, v, key_padding, scale, plan)

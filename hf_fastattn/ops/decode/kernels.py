@@ -10,7 +10,7 @@ than SMs. The kernels therefore:
   max in log2 units, denominator) of any key ranges merge exactly with the associative online-softmax rescale
   (``_combine_kernel``), whatever the split sizes.
 
-Three schedules share one inner loop (:func:`attend_key_range`, the dense skeleton's tile loop):
+Three schedules share one inner loop (:func:`segment_partial`, the dense skeleton's tile loop):
 
 * ``single``: one program per segment, which normalises and writes the output (``_split_kv_kernel`` with one split);
 * ``split``: FlashDecoding's split-KV, ``num_splits`` equal key chunks per segment, partials to scratch, then
@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..dense.fwd import attn_fwd_finish, attn_fwd_tile_range
+from ..dense.fwd import attn_fwd_finish, attn_fwd_tile_ranges
 
 
 @triton.jit
@@ -56,53 +56,61 @@ def packed_rows(row_tile, group_size, seq_q, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def load_packed_queries(
-    Q, batch, kv_head, head_in_group, positions, valid, offs_d,
-    stride_qb, stride_qh, stride_qm, group_size,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    heads = kv_head * group_size + head_in_group
-    ptrs = Q + batch * stride_qb + heads[:, None] * stride_qh + positions[:, None] * stride_qm + offs_d[None, :]
-    return tl.load(ptrs, mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+def packed_row_pointers(base, batch, kv_head, head_in_group, positions, stride_b, stride_h, stride_m, group_size):
+    """Row start of packed query rows (query head ``kv_head * group + head_in_group`` at ``positions``) in a
+    ``(B, H_q, S_q, D)`` tensor; works for one row (scalars) or a tile of rows (vectors)."""
+    return base + batch * stride_b + (kv_head * group_size + head_in_group) * stride_h + positions * stride_m
 
 
 @triton.jit
-def store_packed_output(
-    Out, out, batch, kv_head, head_in_group, positions, valid, offs_d,
-    stride_ob, stride_oh, stride_om, group_size,
-    HEAD_DIM: tl.constexpr,
-):  # fmt: skip
-    heads = kv_head * group_size + head_in_group
-    ptrs = Out + batch * stride_ob + heads[:, None] * stride_oh + positions[:, None] * stride_om + offs_d[None, :]
-    tl.store(ptrs, out.to(Out.dtype.element_ty), mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM))
-
-
-@triton.jit
-def attend_key_range(
-    q, positions, k_base, v_base, kpad_base, lo, hi, offs_n, offs_d,
-    stride_kn, stride_vn, seq_q, seq_k, qk_scale,
+def segment_partial(
+    Q, K, V, KPAD, segment, lo, hi,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_kpad_b,
+    num_kv_heads, group_size, row_tiles, seq_q, seq_k, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_KEY_PADDING: tl.constexpr,
 ):  # fmt: skip
-    """Partial ``(acc, m, l)`` of a packed query tile over key tiles ``[lo, hi)`` (multiples of ``BLOCK_N``)."""
+    """Partial ``(acc, m, l)`` of a segment's packed query tile over key tiles ``[lo, hi)`` (multiples of
+    ``BLOCK_N``), and the tile's row coordinates ``(batch, kv_head, head_in_group, positions, valid)``."""
+    batch, kv_head, row_tile = segment_coordinates(segment, num_kv_heads, row_tiles)
+    head_in_group, positions, valid = packed_rows(row_tile, group_size, seq_q, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_rows = packed_row_pointers(
+        Q, batch, kv_head, head_in_group, positions, stride_qb, stride_qh, stride_qm, group_size
+    )
+    q = tl.load(q_rows[:, None] + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     causal_offset = seq_k - seq_q
     # Keys [0, causal_offset] are visible to every query position: their tiles need no causal or sequence-end mask.
-    unmasked_hi = (causal_offset + 1) // BLOCK_N * BLOCK_N
-    mid = tl.minimum(tl.maximum(unmasked_hi, lo), hi)
+    unmasked_hi = tl.minimum(tl.maximum((causal_offset + 1) // BLOCK_N * BLOCK_N, lo), hi)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = attn_fwd_tile_range(
-        acc, m_i, l_i, q, k_base, v_base, kpad_base, lo, mid, positions, offs_n, offs_d,
-        stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
-        HEAD_DIM, BLOCK_N, BLOCK_D, False, False, HAS_KEY_PADDING,
+    acc, m_i, l_i = attn_fwd_tile_ranges(
+        acc, m_i, l_i, q,
+        K + batch * stride_kb + kv_head * stride_kh, V + batch * stride_vb + kv_head * stride_vh,
+        KPAD + batch * stride_kpad_b, lo, unmasked_hi, hi, positions, tl.arange(0, BLOCK_N), offs_d,
+        stride_kn, stride_vn, seq_k, causal_offset, scale * 1.4426950408889634,
+        HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_KEY_PADDING,
     )  # fmt: skip
-    acc, m_i, l_i = attn_fwd_tile_range(
-        acc, m_i, l_i, q, k_base, v_base, kpad_base, mid, hi, positions, offs_n, offs_d,
-        stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
-        HEAD_DIM, BLOCK_N, BLOCK_D, True, True, HAS_KEY_PADDING,
-    )  # fmt: skip
-    return acc, m_i, l_i
+    return acc, m_i, l_i, batch, kv_head, head_in_group, positions, valid
+
+
+@triton.jit
+def finish_segment(
+    Out, acc, m_i, l_i, batch, kv_head, head_in_group, positions, valid,
+    stride_ob, stride_oh, stride_om, group_size,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Normalise a segment's complete ``(acc, m, l)`` and write its packed rows."""
+    out, _ = attn_fwd_finish(acc, m_i, l_i)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = packed_row_pointers(
+        Out, batch, kv_head, head_in_group, positions, stride_ob, stride_oh, stride_om, group_size
+    )
+    tl.store(rows[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=valid[:, None] & (offs_d < HEAD_DIM))
 
 
 @triton.jit
@@ -130,29 +138,19 @@ def _split_kv_kernel(
     segment (``WRITE_OUTPUT``) it writes the output; otherwise its partial goes to slot ``segment * splits + split``."""
     split = tl.program_id(0)
     segment = tl.program_id(1)
-    batch, kv_head, row_tile = segment_coordinates(segment, num_kv_heads, row_tiles)
-    head_in_group, positions, valid = packed_rows(row_tile, group_size, seq_q, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = load_packed_queries(
-        Q, batch, kv_head, head_in_group, positions, valid, offs_d,
-        stride_qb, stride_qh, stride_qm, group_size, HEAD_DIM, BLOCK_D,
-    )  # fmt: skip
     num_tiles = tl.cdiv(seq_k, BLOCK_N)
-    lo = tl.minimum(split * tiles_per_split, num_tiles) * BLOCK_N
-    hi = tl.minimum((split + 1) * tiles_per_split, num_tiles) * BLOCK_N
-    acc, m_i, l_i = attend_key_range(
-        q, positions,
-        K + batch * stride_kb + kv_head * stride_kh, V + batch * stride_vb + kv_head * stride_vh,
-        KPAD + batch * stride_kpad_b, lo, hi, offs_n, offs_d,
-        stride_kn, stride_vn, seq_q, seq_k, scale * 1.4426950408889634,
+    acc, m_i, l_i, batch, kv_head, head_in_group, positions, valid = segment_partial(
+        Q, K, V, KPAD, segment,
+        tl.minimum(split * tiles_per_split, num_tiles) * BLOCK_N,
+        tl.minimum((split + 1) * tiles_per_split, num_tiles) * BLOCK_N,
+        stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+        stride_kpad_b, num_kv_heads, group_size, row_tiles, seq_q, seq_k, scale,
         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_KEY_PADDING,
     )  # fmt: skip
     if WRITE_OUTPUT:
-        out, _ = attn_fwd_finish(acc, m_i, l_i)
-        store_packed_output(
-            Out, out, batch, kv_head, head_in_group, positions, valid, offs_d,
-            stride_ob, stride_oh, stride_om, group_size, HEAD_DIM,
+        finish_segment(
+            Out, acc, m_i, l_i, batch, kv_head, head_in_group, positions, valid,
+            stride_ob, stride_oh, stride_om, group_size, HEAD_DIM, BLOCK_D,
         )  # fmt: skip
     else:
         store_partial(PartAcc, PartM, PartL, segment * tl.num_programs(0) + split, acc, m_i, l_i, BLOCK_M, BLOCK_D)
@@ -200,36 +198,24 @@ def _streamk_kernel(
 ):  # fmt: skip
     """Persistent stream-K decode: this program's contiguous range of flat key tiles, segment by segment."""
     program = tl.program_id(0)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    qk_scale = scale * 1.4426950408889634
     tile = streamk_range_start(program, tiles_per_program, programs_with_extra)
     end = tile + tiles_per_program + (program < programs_with_extra).to(tl.int32)
     while tile < end:
         segment = tile // tiles_per_segment
         segment_start = segment * tiles_per_segment
         stop = tl.minimum(segment_start + tiles_per_segment, end)
-        batch, kv_head, row_tile = segment_coordinates(segment, num_kv_heads, row_tiles)
-        head_in_group, positions, valid = packed_rows(row_tile, group_size, seq_q, BLOCK_M)
-        q = load_packed_queries(
-            Q, batch, kv_head, head_in_group, positions, valid, offs_d,
-            stride_qb, stride_qh, stride_qm, group_size, HEAD_DIM, BLOCK_D,
-        )  # fmt: skip
-        acc, m_i, l_i = attend_key_range(
-            q, positions,
-            K + batch * stride_kb + kv_head * stride_kh, V + batch * stride_vb + kv_head * stride_vh,
-            KPAD + batch * stride_kpad_b, (tile - segment_start) * BLOCK_N, (stop - segment_start) * BLOCK_N,
-            offs_n, offs_d, stride_kn, stride_vn, seq_q, seq_k, qk_scale,
+        acc, m_i, l_i, batch, kv_head, head_in_group, positions, valid = segment_partial(
+            Q, K, V, KPAD, segment, (tile - segment_start) * BLOCK_N, (stop - segment_start) * BLOCK_N,
+            stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+            stride_kpad_b, num_kv_heads, group_size, row_tiles, seq_q, seq_k, scale,
             HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_KEY_PADDING,
         )  # fmt: skip
-
         first_owner = streamk_owner(segment_start, tiles_per_program, programs_with_extra)
         last_owner = streamk_owner(segment_start + tiles_per_segment - 1, tiles_per_program, programs_with_extra)
         if first_owner == last_owner:
-            out, _ = attn_fwd_finish(acc, m_i, l_i)
-            store_packed_output(
-                Out, out, batch, kv_head, head_in_group, positions, valid, offs_d,
-                stride_ob, stride_oh, stride_om, group_size, HEAD_DIM,
+            finish_segment(
+                Out, acc, m_i, l_i, batch, kv_head, head_in_group, positions, valid,
+                stride_ob, stride_oh, stride_om, group_size, HEAD_DIM, BLOCK_D,
             )  # fmt: skip
         else:
             slot = streamk_slot(program, segment, tiles_per_segment, tiles_per_program, programs_with_extra)
@@ -289,6 +275,7 @@ def _combine_kernel(
             l_i = l_i * alpha + tl.sum(l_parts * weights, 0)
             m_i = m_new
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)
-        head = kv_head * group_size + packed_row // seq_q
-        ptrs = Out + batch * stride_ob + head * stride_oh + (packed_row % seq_q) * stride_om + offs_d
-        tl.store(ptrs, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
+        row_start = packed_row_pointers(
+            Out, batch, kv_head, packed_row // seq_q, packed_row % seq_q, stride_ob, stride_oh, stride_om, group_size
+        )
+        tl.store(row_start + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)

@@ -66,6 +66,13 @@ def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def empty_hf_output(q: torch.Tensor) -> torch.Tensor:
+    """An output like ``q`` ``(B, H_q, S_q, D)``, allocated as ``(B, S_q, H_q, D)`` so that HF's
+    ``transpose(1, 2).contiguous()`` afterwards is free."""
+    batch, num_q_heads, seq_q, head_dim = q.shape
+    return q.new_empty(batch, seq_q, num_q_heads, head_dim).transpose(1, 2)
+
+
 def key_padding_arg(key_padding: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(pointer tensor, batch stride); a 1-element dummy when there is no padding mask."""
     if key_padding is None:
@@ -78,8 +85,7 @@ def dense_fwd(q, k, v, key_padding, causal: bool, scale: float):
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     batch, num_q_heads, seq_q, head_dim = q.shape
     num_kv_heads, seq_k = k.shape[1], k.shape[2]
-    # Allocated as (B, S_q, H_q, D) so HF's transpose(1, 2).contiguous() afterwards is free.
-    out = torch.empty(batch, seq_q, num_q_heads, head_dim, device=q.device, dtype=q.dtype).transpose(1, 2)
+    out = empty_hf_output(q)
     lse = torch.empty(batch, num_q_heads, seq_q, device=q.device, dtype=torch.float32)
     kpad, stride_kpad = key_padding_arg(key_padding, q)
 
@@ -158,9 +164,8 @@ def _dense_fwd_op(
 
 @_dense_fwd_op.register_fake
 def _(q, k, v, key_padding, causal, scale):
-    batch, num_q_heads, seq_q, head_dim = q.shape
-    out = q.new_empty(batch, seq_q, num_q_heads, head_dim).transpose(1, 2)
-    return out, q.new_empty(batch, num_q_heads, seq_q, dtype=torch.float32)
+    batch, num_q_heads, seq_q, _ = q.shape
+    return empty_hf_output(q), q.new_empty(batch, num_q_heads, seq_q, dtype=torch.float32)
 
 
 @torch.library.custom_op("hf_fastattn::dense_bwd", mutates_args=())

@@ -8,6 +8,7 @@ The work for one query tile is split into three reusable pieces:
   for the key tiles they select; the dense kernel calls it for every tile through :func:`attn_fwd_tile_range`. It is
   :func:`attn_fwd_scores` (``Q K^T`` with the mask) followed by :func:`attn_fwd_update` (online softmax, V load and
   ``P V``), so a kernel can decide on the scores before paying for V (BSFA).
+* :func:`attn_fwd_tile_ranges` runs a key range in two parts, unmasked tiles then masked ones (decode reuses it).
 * :func:`attn_fwd_key_range` gives the key tiles a query tile may see: the fully visible ones (no element masking) and
   the tail that needs the causal / sequence-end mask.
 * :func:`attn_fwd_finish` normalises the accumulator and returns the log-sum-exp.
@@ -183,6 +184,46 @@ def attn_fwd_tile_range(
 
 
 @triton.jit
+def attn_fwd_tile_ranges(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    kpad_base,
+    lo,
+    unmasked_hi,
+    hi,
+    offs_m,
+    offs_n,
+    offs_d,
+    stride_kn,
+    stride_vn,
+    seq_k,
+    causal_offset,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KEY_PADDING: tl.constexpr,
+):
+    """Key tiles ``[lo, hi)``: those before ``unmasked_hi`` without element masks (every row sees all their keys),
+    the rest with the causal (when ``CAUSAL``) and sequence-end masks."""
+    acc, m_i, l_i = attn_fwd_tile_range(
+        acc, m_i, l_i, q, k_base, v_base, kpad_base, lo, unmasked_hi, offs_m, offs_n, offs_d,
+        stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
+        HEAD_DIM, BLOCK_N, BLOCK_D, False, False, HAS_KEY_PADDING,
+    )  # fmt: skip
+    return attn_fwd_tile_range(
+        acc, m_i, l_i, q, k_base, v_base, kpad_base, unmasked_hi, hi, offs_m, offs_n, offs_d,
+        stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
+        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, HAS_KEY_PADDING,
+    )  # fmt: skip
+
+
+@triton.jit
 def attn_fwd_key_range(
     start_m, seq_k, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr
 ):
@@ -255,15 +296,10 @@ def _dense_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     full_hi, hi = attn_fwd_key_range(start_m, seq_k, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, m_i, l_i = attn_fwd_tile_range(
-        acc, m_i, l_i, q, k_base, v_base, kpad_base, 0, full_hi, offs_m, offs_n, offs_d,
+    acc, m_i, l_i = attn_fwd_tile_ranges(
+        acc, m_i, l_i, q, k_base, v_base, kpad_base, 0, full_hi, hi, offs_m, offs_n, offs_d,
         stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
-        HEAD_DIM, BLOCK_N, BLOCK_D, False, False, HAS_KEY_PADDING,
-    )  # fmt: skip
-    acc, m_i, l_i = attn_fwd_tile_range(
-        acc, m_i, l_i, q, k_base, v_base, kpad_base, full_hi, hi, offs_m, offs_n, offs_d,
-        stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
-        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, HAS_KEY_PADDING,
+        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, HAS_KEY_PADDING,
     )  # fmt: skip
 
     out, lse = attn_fwd_finish(acc, m_i, l_i)
