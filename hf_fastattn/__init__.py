@@ -13,12 +13,14 @@ from .calibration import BsfaCalibration, calibrate_bsfa
 from .capabilities import Capabilities, MethodSpec
 from .patch import attention_modules, layer_states, patch, unpatch, use
 from .registry import get_method, list_methods, register_all
+from .training import GateTrainingConfig, train_gates
 
 register_all()
 
 __all__ = [
     "ArtifactError",
     "BsfaCalibration",
+    "GateTrainingConfig",
     "Capabilities",
     "MethodSpec",
     "__version__",
@@ -30,6 +32,7 @@ __all__ = [
     "load_state",
     "patch",
     "save_state",
+    "train_gates",
     "unpatch",
     "use",
 ]

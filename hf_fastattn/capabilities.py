@@ -112,6 +112,8 @@ class MethodSpec:
     decode_strategy: str = "auto"
     prepare: Callable[..., None] | None = None
     statistics: Callable[..., dict] | None = None
+    # The kernel and reference also take ``position_ids`` (the call's, or None): gates that undo RoPE need them.
+    uses_positions: bool = False
     # ``hf-fastattn selftest`` patches with this configuration, chosen so the result must equal exact attention.
     selftest_config: dict = field(default_factory=dict)
 

@@ -102,7 +102,8 @@ def dispatch_attention(
             "running its plain-PyTorch reference (set TRITON_INTERPRET=1 to interpret the Triton kernels)",
         )
         run = spec.reference
-    out = run(query, key, value, causal=causal, scale=scale, key_padding=key_padding, state=state)
+    extra = {"position_ids": kwargs.get("position_ids")} if spec.uses_positions else {}
+    out = run(query, key, value, causal=causal, scale=scale, key_padding=key_padding, state=state, **extra)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from transformers import AttentionInterface, AttentionMaskInterface
 
 from .capabilities import MethodSpec
-from .methods import bsfa, dense, lean
+from .methods import bsfa, dense, lean, seer
 
-_METHOD_MODULES = (dense, bsfa, lean)
+_METHOD_MODULES = (dense, bsfa, lean, seer)
 METHODS: dict[str, MethodSpec] = {module.SPEC.name: module.SPEC for module in _METHOD_MODULES}
 _RESERVED_SUBSTRINGS = ("flash", "sdpa", "flex", "paged", "/")
 

@@ -1,0 +1,381 @@
+"""``fastattn_seer``: SeerAttention, learned block gates choosing which key blocks each query block attends to.
+
+Per layer, an :class:`AttnGate` scores ``(query block, key block)`` pairs from pooled queries and keys (one score map
+per KV head, shared by its GQA group). The scores become a block selection on the device (:mod:`hf_fastattn.ops.seer`,
+FlexAttention's ``kv_num_blocks`` / ``kv_indices`` layout), and the block-sparse kernel computes only those blocks.
+
+Configuration (``patch(model, "seer", ...)``):
+
+* ``gates``: a gate artifact directory (from :func:`hf_fastattn.train_gates` or ``hf-fastattn train-gates``). Without
+  it the gates are freshly initialised (only useful for training them). The artifact's model, block size, gate
+  dimension and gate format version are checked.
+* ``mode``: ``"gate"`` (default) selects from the gates; ``"oracle"`` selects from the exact block-level attention map
+  (the ground-truth kernel runs first: a quality upper bound, not a speed-up).
+* one selection rule: ``sparsity`` (fraction of each row's visible blocks to drop, default 0.5), ``topk`` (blocks
+  kept per query block) or ``threshold`` (keep blocks whose gate probability exceeds it, SeerAttention's tau, e.g.
+  5e-4). Per-layer values go through ``patch(..., layers={i: ("seer", {"sparsity": 0.8})})``.
+* ``sink_blocks`` (default 1) and ``local_blocks`` (default 1, the diagonal): always kept, counted in the budget.
+* ``block_size`` (64) and ``gate_dim`` (128): fixed by trained gates.
+* ``decode``: the decode-step strategy every method takes (decode runs the shared exact decode kernels).
+
+Gating runs on prefill calls with no cached prefix (``S_q == S_kv``); chunked-prefill calls run the dense kernel.
+RoPE models (Llama) feed the gate pre-RoPE queries and keys: the attention function receives rotated ones, so they are
+rotated back with the model's own rotary embedding at the call's ``position_ids``, and the gate applies RoPE at block
+positions in its own dimension. Forward only: a call that needs gradients through attention falls back to SDPA.
+
+Each layer counts selected and visible blocks on the device; :func:`seer_statistics` reads the realised density.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..capabilities import Capabilities, MethodSpec
+from ..dispatch import dispatch_attention
+from ..masks import fastattn_mask
+from ..ops.dense import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, dense_attention, dense_attention_reference
+from ..ops.seer import (
+    DEFAULT_BLOCK_SIZE,
+    attention_with_block_target,
+    attention_with_block_target_reference,
+    block_sparse_attention,
+    block_sparse_attention_reference,
+    normalise_target,
+    select_blocks,
+    selection_from_mask,
+    selection_mask,
+    visible_blocks,
+)
+from ..state import LayerState
+
+GATE_FORMAT_VERSION = 1
+DEFAULT_GATE_DIM = 128
+MODES = ("gate", "oracle")
+# Key of the (2,) int64 counter in LayerState.counters: selected blocks, visible blocks.
+_COUNTS = "seer_blocks"
+# Attribute set by gate training: a callable receiving (log_probs, target) per prefill; the layer then runs dense.
+GATE_LOSS_SINK = "seer_gate_loss_sink"
+_SELECTION_RULES = ("sparsity", "topk", "threshold")
+
+
+class AttnGate(nn.Module):
+    """SeerAttention's prefill gate for one layer, one score map per KV head.
+
+    Queries are average-pooled per block; the query heads of a GQA group are concatenated and projected together to
+    ``gate_dim``. Keys are pooled per block by max, min and average (concatenated) and projected to ``gate_dim``.
+    With ``rope_theta`` the projections are rotated at their block's first position. Scores are
+    ``q_g k_g^T / sqrt(gate_dim)`` over visible blocks, log-softmaxed over key blocks.
+    """
+
+    def __init__(
+        self,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        gate_dim: int = DEFAULT_GATE_DIM,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        rope_theta: float | None = None,
+    ):
+        super().__init__()
+        if num_q_heads % num_kv_heads:
+            raise ValueError(f"query heads ({num_q_heads}) must be a multiple of key/value heads ({num_kv_heads})")
+        if gate_dim % 2:
+            raise ValueError(f"gate_dim must be even (RoPE pairs), got {gate_dim}")
+        group = num_q_heads // num_kv_heads
+        self.num_kv_heads, self.block_size, self.gate_dim, self.rope_theta = num_kv_heads, block_size, gate_dim, rope_theta
+        self.q_weight = nn.Parameter(torch.randn(num_kv_heads, group * head_dim, gate_dim) / math.sqrt(group * head_dim))
+        self.k_weight = nn.Parameter(torch.randn(num_kv_heads, 3 * head_dim, gate_dim) / math.sqrt(3 * head_dim))
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, *, causal: bool, key_padding: torch.Tensor | None = None):
+        """``(B, H_q, S, D)`` queries and ``(B, H_kv, S, D)`` keys (pre-RoPE) to ``(log_probs, valid)``, both
+        ``(B, H_kv, NQ, NK)``: log-probabilities over key blocks, and which blocks a row may select."""
+        batch, num_q_heads, seq, head_dim = query.shape
+        dtype = self.q_weight.dtype
+        valid_tokens = None if key_padding is None else key_padding.bool()
+        q_avg, _, _, _ = _pool(query.to(dtype), valid_tokens, self.block_size)
+        k_avg, k_max, k_min, key_block_valid = _pool(key.to(dtype), valid_tokens, self.block_size)
+        num_blocks = q_avg.shape[2]
+        q_group = q_avg.view(batch, self.num_kv_heads, -1, num_blocks, head_dim).transpose(2, 3).flatten(3)
+        q_gate = torch.einsum("bhnc,hcg->bhng", q_group, self.q_weight)
+        k_gate = torch.einsum("bhnc,hcg->bhng", torch.cat([k_max, k_min, k_avg], dim=-1), self.k_weight)
+        if self.rope_theta is not None:
+            positions = torch.arange(num_blocks, device=query.device) * self.block_size
+            q_gate, k_gate = (_rotate(t, positions, self.rope_theta) for t in (q_gate, k_gate))
+        scores = q_gate @ k_gate.transpose(-1, -2) / math.sqrt(self.gate_dim)
+        visible, _ = visible_blocks(seq, seq, causal=causal, block_size=self.block_size, device=query.device)
+        valid = visible & key_block_valid[:, None, None, :]  # (B, 1, NQ, NK)
+        valid = valid.expand_as(scores)
+        # A row with nothing valid (a fully padded query block) gets a harmless uniform row; it carries no target.
+        scores = scores.float().masked_fill(~valid, float("-inf")).masked_fill(~valid.any(-1, keepdim=True), 0.0)
+        return torch.log_softmax(scores, dim=-1), valid
+
+
+def _pool(x: torch.Tensor, valid_tokens: torch.Tensor | None, block_size: int):
+    """Per-block average, max and min over valid tokens of ``(B, H, S, D)``, and ``(B, NK)`` blocks with any token."""
+    batch, heads, seq, dim = x.shape
+    blocks = -(-seq // block_size)
+    padded = F.pad(x, (0, 0, 0, blocks * block_size - seq)).view(batch, heads, blocks, block_size, dim)
+    valid = torch.zeros(batch, blocks * block_size, dtype=torch.bool, device=x.device)
+    valid[:, :seq] = True if valid_tokens is None else valid_tokens
+    valid = valid.view(batch, 1, blocks, block_size, 1)
+    count = valid.sum(3).clamp(min=1)
+    average = (padded * valid).sum(3) / count
+    maximum = padded.masked_fill(~valid, float("-inf")).amax(3)
+    minimum = padded.masked_fill(~valid, float("inf")).amin(3)
+    any_valid = valid.any(3)
+    maximum = torch.where(any_valid, maximum, torch.zeros_like(maximum))
+    minimum = torch.where(any_valid, minimum, torch.zeros_like(minimum))
+    return average, maximum, minimum, any_valid.view(batch, blocks)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def _rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """RoPE (rotate-half convention, as Llama) at ``positions`` in ``x``'s last dimension."""
+    dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return x * angles.cos().to(x.dtype) + _rotate_half(x) * angles.sin().to(x.dtype)
+
+
+def _unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Undo ``x * cos + rotate_half(x) * sin`` (also when cos/sin carry an attention scaling factor)."""
+    cos, sin = cos[:, None].float(), sin[:, None].float()
+    x = x.float()
+    return (x * cos - _rotate_half(x) * sin) / (cos * cos + sin * sin)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The attention function
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _Ops:
+    """The kernels, or their PyTorch references on a device Triton cannot use."""
+
+    def __init__(self, sparse, sparse_from_mask: bool, target, dense):
+        self.sparse, self.sparse_from_mask, self.target, self.dense = sparse, sparse_from_mask, target, dense
+
+    def run_sparse(self, query, key, value, selection, *, causal, scale, key_padding):
+        if self.sparse_from_mask:
+            return self.sparse(
+                query, key, value, selection_mask(selection), causal=causal, scale=scale, key_padding=key_padding,
+                block_size=selection.block_size,
+            )  # fmt: skip
+        return self.sparse(query, key, value, selection, causal=causal, scale=scale, key_padding=key_padding)
+
+
+_KERNELS = _Ops(block_sparse_attention, False, attention_with_block_target, dense_attention)
+_REFERENCES = _Ops(
+    block_sparse_attention_reference, True, attention_with_block_target_reference, dense_attention_reference
+)
+
+
+def _run(ops: _Ops, query, key, value, *, causal, scale, key_padding, state, position_ids=None):
+    if state is None or getattr(state, "gate", None) is None:
+        raise ValueError("fastattn_seer needs per-layer gates: use hf_fastattn.patch(model, 'seer', gates=...)")
+    config = state.config
+    block = config["block_size"]
+    if query.shape[2] != key.shape[2]:  # a cached prefix (chunked prefill): the gates score whole sequences only
+        return ops.dense(query, key, value, causal=causal, scale=scale, key_padding=key_padding)
+    sink = getattr(state, GATE_LOSS_SINK, None)
+    if sink is not None or config["mode"] == "oracle":
+        out, target = ops.target(query, key, value, causal=causal, scale=scale, key_padding=key_padding, block_size=block)
+        target = normalise_target(target, key.shape[1])
+        if sink is not None:
+            log_probs, valid = _gate_scores(state, query, key, causal, key_padding, position_ids)
+            sink(log_probs, valid, target)
+            return out
+        scores = target
+    else:
+        with torch.no_grad():
+            log_probs, _ = _gate_scores(state, query, key, causal, key_padding, position_ids)
+        scores = log_probs.exp()
+    seq = query.shape[2]
+    rule = {name: config[name] for name in _SELECTION_RULES if config.get(name) is not None}
+    block_mask = select_blocks(
+        scores, seq_q=seq, seq_k=seq, causal=causal, block_size=block,
+        sink_blocks=config["sink_blocks"], local_blocks=config["local_blocks"], **rule,
+    )  # fmt: skip
+    selection = selection_from_mask(block_mask, seq_q=seq, seq_k=seq, causal=causal, block_size=block)
+    _count(state, selection, causal)
+    return ops.run_sparse(query, key, value, selection, causal=causal, scale=scale, key_padding=key_padding)
+
+
+def _gate_scores(state, query, key, causal, key_padding, position_ids):
+    unrotate: Callable | None = state.__dict__.get("_unrotate")
+    if unrotate is not None:
+        query, key = unrotate(query, position_ids), unrotate(key, position_ids)
+    return state.gate(query, key, causal=causal, key_padding=key_padding)
+
+
+def _count(state: LayerState, selection, causal: bool) -> None:
+    batch, heads, nq, nk = selection.shape
+    visible, _ = visible_blocks(nq, nk, causal=causal, block_size=1, device=selection.full_count.device)
+    counts = torch.stack([selection.selected_blocks().sum(dtype=torch.int64), visible.sum() * batch * heads])
+    previous = state.counters.get(_COUNTS)
+    state.counters[_COUNTS] = counts if previous is None else previous + counts
+
+
+def _kernel(query, key, value, **kwargs):
+    return _run(_KERNELS, query, key, value, **kwargs)
+
+
+def _reference(query, key, value, **kwargs):
+    return _run(_REFERENCES, query, key, value, **kwargs)
+
+
+def seer_statistics(state: LayerState) -> dict:
+    """Realised density of one layer (selected / visible key blocks over every gated prefill since patching or
+    ``state.reset_statistics()``); None before the layer's first gated prefill."""
+    counts = state.counters.get(_COUNTS)
+    if counts is None:
+        return {"density": None}
+    selected, visible = (int(c) for c in counts.cpu())
+    return {"density": selected / max(visible, 1), "blocks": {"selected": selected, "visible": visible}}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Patch-time preparation: configuration, gates, artifacts
+# ---------------------------------------------------------------------------------------------------------------------
+
+_DEFAULTS = {"mode": "gate", "block_size": DEFAULT_BLOCK_SIZE, "gate_dim": DEFAULT_GATE_DIM, "sink_blocks": 1,
+             "local_blocks": 1}  # fmt: skip
+_USER_KEYS = {"gates", *_DEFAULTS, *_SELECTION_RULES}
+
+
+def _prepare(model, states: list[LayerState]) -> None:
+    for state in states:
+        _check_config(state.config)
+    sources = {str(state.config["gates"]) for state in states if state.config.get("gates") is not None}
+    artifacts = {source: _read_gates(model, Path(source)) for source in sources}
+    rope_theta, unrotate = _rope(model)
+    device = next(model.parameters()).device
+    for state in states:
+        config = state.config
+        source = config.pop("gates", None)
+        if source is not None:
+            _apply_artifact_settings(config, artifacts[str(source)], state.layer_index)
+        for name, value in _DEFAULTS.items():
+            config.setdefault(name, value)
+        if not any(config.get(rule) is not None for rule in _SELECTION_RULES):
+            config["sparsity"] = 0.5
+        module_config = model.config
+        heads = module_config.num_attention_heads
+        kv_heads = getattr(module_config, "num_key_value_heads", None) or heads
+        head_dim = getattr(module_config, "head_dim", None) or module_config.hidden_size // heads
+        state.gate = AttnGate(
+            heads, kv_heads, head_dim, gate_dim=config["gate_dim"], block_size=config["block_size"],
+            rope_theta=rope_theta,
+        ).to(device)  # fmt: skip
+        if unrotate is not None:
+            state.__dict__["_unrotate"] = unrotate  # a plain attribute: not a submodule, never saved
+        if source is not None:
+            _load_gate(state, artifacts[str(source)], source)
+
+
+def _check_config(config: dict) -> None:
+    unknown = sorted(set(config) - _USER_KEYS)
+    if unknown:
+        raise ValueError(f"unknown fastattn_seer setting(s) {unknown}; valid: {sorted(_USER_KEYS)}")
+    mode = config.get("mode", "gate")
+    if mode not in MODES:
+        raise ValueError(f"fastattn_seer mode must be one of {MODES}, got {mode!r}")
+    rules = [rule for rule in _SELECTION_RULES if config.get(rule) is not None]
+    if len(rules) > 1:
+        raise ValueError(f"choose one fastattn_seer selection rule, got {rules}")
+    sparsity = config.get("sparsity")
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+
+
+def _rope(model) -> tuple[float | None, Callable | None]:
+    """``(rope_theta, unrotate)`` for a RoPE model (its rotary module found by name), else ``(None, None)``."""
+    rotary = next((m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
+    if rotary is None:
+        return None, None
+    parameters = getattr(model.config, "rope_parameters", None) or {}
+    theta = parameters.get("rope_theta", getattr(model.config, "rope_theta", 10000.0))
+
+    def unrotate(x: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = torch.arange(x.shape[2], device=x.device)[None]
+        cos, sin = rotary(x, position_ids)
+        return _unrotate(x, cos, sin)
+
+    return float(theta), unrotate
+
+
+def _read_gates(model, directory: Path) -> dict:
+    from ..artifacts import ArtifactError, check_fingerprint, read_artifact  # artifacts imports patch -> registry
+
+    config, tensors = read_artifact(directory)
+    check_fingerprint(model, config, directory)
+    version = config.get("metadata", {}).get("seer_gate_version")
+    if version != GATE_FORMAT_VERSION:
+        raise ArtifactError(
+            f"{directory} holds gate format version {version!r}; this hf_fastattn reads version {GATE_FORMAT_VERSION}"
+        )
+    layers = {entry["index"]: entry["config"] for entry in config["layers"] if entry["method"] == "seer"}
+    if not layers:
+        raise ArtifactError(f"artifact {directory} holds no SeerAttention gates")
+    return {"layers": layers, "tensors": tensors}
+
+
+def _apply_artifact_settings(config: dict, artifact: dict, index: int) -> None:
+    from ..artifacts import ArtifactError
+
+    saved = artifact["layers"].get(index)
+    if saved is None:
+        raise ArtifactError(f"the gate artifact has no gate for attention layer {index}")
+    for name in ("block_size", "gate_dim"):
+        if config.get(name, saved[name]) != saved[name]:
+            raise ArtifactError(
+                f"the gates were trained with {name}={saved[name]}, but {name}={config[name]} was requested"
+            )
+        config[name] = saved[name]
+
+
+def _load_gate(state: LayerState, artifact: dict, source) -> None:
+    from ..artifacts import ArtifactError
+
+    for name, parameter in state.gate.named_parameters():
+        key = f"layers.{state.layer_index}.gate.{name}"
+        tensor = artifact["tensors"].get(key)
+        if tensor is None or tensor.shape != parameter.shape:
+            found = None if tensor is None else tuple(tensor.shape)
+            raise ArtifactError(f"{source}: {key} is {found}, the model's gate expects {tuple(parameter.shape)}")
+        with torch.no_grad():
+            parameter.copy_(tensor)
+
+
+SPEC = MethodSpec(
+    name="seer",
+    description="SeerAttention: learned block gates select key blocks; a block-sparse kernel computes only those.",
+    kernel=_kernel,
+    reference=_reference,
+    capabilities=Capabilities(head_dims=SUPPORTED_HEAD_DIMS, dtypes=SUPPORTED_DTYPES, backward=False),
+    prepare=_prepare,
+    statistics=seer_statistics,
+    uses_positions=True,
+    # Fresh gates, but sparsity 0 keeps every visible block (16-token blocks: two for the 19-token inputs): exact.
+    selftest_config={"sparsity": 0.0, "block_size": 16},
+)
+
+mask_builder = fastattn_mask
+
+
+def seer_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function for ``attn_implementation="fastattn_seer"``."""
+    return dispatch_attention(SPEC, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
