@@ -4,6 +4,7 @@
 ``hf-fastattn selftest``    tiny random models with each method vs transformers' eager attention.
 ``hf-fastattn eval TASK``   several methods on one task (niah, passkey, ruler, ppl, encoder): one table, JSON, plots.
 ``hf-fastattn calibrate bsfa``  BSFA thresholds for a model, saved as an artifact.
+``hf-fastattn train-gates``     SeerAttention gates for a model (``Trainer``; runs under ``accelerate launch``).
 """
 
 from __future__ import annotations
@@ -174,6 +175,59 @@ def calibrate(args: argparse.Namespace) -> int:
         print(f"  k={k:<4} skips {fraction:6.1%} of skippable tiles on the calibration windows")
     print(f"default k per layer: {sorted(set(calibration.layer_k.values()))}; artifact written to {args.out}")
     return 0
+
+
+def train_gates(args: argparse.Namespace) -> int:
+    """``hf-fastattn train-gates``: SeerAttention gates, from a config file and/or flags, saved as an artifact."""
+    import dataclasses
+
+    from hf_fastattn import ArtifactError
+    from hf_fastattn.assets import AssetUnavailable
+    from hf_fastattn.training import GateTrainingConfig
+    from hf_fastattn.training import train_gates as run_training
+
+    overrides = {field.name: getattr(args, field.name, None) for field in dataclasses.fields(GateTrainingConfig)}
+    try:
+        if args.config:
+            config = GateTrainingConfig.from_file(args.config, **overrides)
+        else:
+            config = GateTrainingConfig(**{name: value for name, value in overrides.items() if value is not None})
+        gates = run_training(config=config)
+    except (AssetUnavailable, ArtifactError, ValueError, TypeError, OSError) as error:
+        return _user_error("train-gates", error)
+    print(f"gates written to {gates}; use patch(model, 'seer', gates='{gates}') or --config seer.gates={gates}")
+    return 0
+
+
+def _add_train_gates_parser(commands) -> None:
+    parser = commands.add_parser(
+        "train-gates",
+        help="train SeerAttention gates (frozen model, KL to the exact block attention map)",
+        description="Train SeerAttention gates with transformers' Trainer on the training split (never the "
+        "evaluation text). Settings come from --config (JSON or YAML, see recipes/configs/) and flags, flags "
+        "winning. Runs unchanged under `accelerate launch`; the effective batch is --global-batch-size whatever "
+        "the number of processes.",
+    )
+    parser.add_argument("--config", help="JSON or YAML file of GateTrainingConfig settings")
+    parser.add_argument("--model", help="asset name, local folder or hub id (default: smollm2)")
+    parser.add_argument("--data", help="default (Austen train + Python docs), austen or pydocs")
+    parser.add_argument("--sequence-length", type=int, help="tokens per training window (default: 8192)")
+    parser.add_argument("--samples", type=int, help="training windows (default: 192)")
+    parser.add_argument("--epochs", type=float)
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    parser.add_argument("--global-batch-size", type=int, help="windows per optimizer step over all processes")
+    parser.add_argument("--per-device-batch-size", type=int)
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--block-size", type=int, help="gate block size (default: 64)")
+    parser.add_argument("--gate-dim", type=int, help="gate projection size (default: 128)")
+    parser.add_argument("--save-steps", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--output-dir", "--out", dest="output_dir", metavar="DIR",
+                        help="checkpoints, and the gate artifact in DIR/gates")  # fmt: skip
+    parser.add_argument("--no-resume", dest="resume", action="store_const", const=False,
+                        help="start afresh even if DIR holds checkpoints")  # fmt: skip
+    parser.add_argument("--device", help="default: the process's accelerate device")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
 
 
 def _mean_skip(calibration) -> list[float]:
@@ -359,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--tolerance", type=float, default=1e-4, help="max abs error on fp32 hidden states")
     _add_eval_parser(commands)
     _add_calibrate_parser(commands)
+    _add_train_gates_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
@@ -368,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate(args)
     if args.command == "calibrate":
         return calibrate(args)
+    if args.command == "train-gates":
+        return train_gates(args)
     return selftest(args.tolerance)
 
 
