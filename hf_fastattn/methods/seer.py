@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,6 +48,8 @@ from ..ops.seer import (
     block_sparse_attention,
     block_sparse_attention_reference,
     normalise_target,
+    pool_blocks,
+    pool_blocks_reference,
     select_blocks,
     selection_from_mask,
     selection_mask,
@@ -93,46 +96,35 @@ class AttnGate(nn.Module):
         self.q_weight = nn.Parameter(torch.randn(num_kv_heads, group * head_dim, gate_dim) / math.sqrt(group * head_dim))
         self.k_weight = nn.Parameter(torch.randn(num_kv_heads, 3 * head_dim, gate_dim) / math.sqrt(3 * head_dim))
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, *, causal: bool, key_padding: torch.Tensor | None = None):
-        """``(B, H_q, S, D)`` queries and ``(B, H_kv, S, D)`` keys (pre-RoPE) to ``(log_probs, valid)``, both
-        ``(B, H_kv, NQ, NK)``: log-probabilities over key blocks, and which blocks a row may select."""
-        batch, num_q_heads, seq, head_dim = query.shape
+    def forward(
+        self, pooled_query: torch.Tensor, pooled_key: tuple, *, seq: int, causal: bool, key_padding=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block scores from pooled pre-RoPE inputs (:func:`~hf_fastattn.ops.seer.pool_blocks`): ``pooled_query``
+        ``(B, H_q, NB, D)`` averages, ``pooled_key`` the ``(average, maximum, minimum)`` of ``(B, H_kv, NB, D)`` keys.
+
+        Returns ``(log_probs, valid)``, both ``(B, H_kv, NQ, NK)``: log-probabilities over key blocks, and which blocks
+        a row may select (visible, and holding at least one unpadded key).
+        """
+        k_avg, k_max, k_min = pooled_key
+        batch, _, num_blocks, head_dim = pooled_query.shape
         dtype = self.q_weight.dtype
-        valid_tokens = None if key_padding is None else key_padding.bool()
-        q_avg, _, _, _ = _pool(query.to(dtype), valid_tokens, self.block_size)
-        k_avg, k_max, k_min, key_block_valid = _pool(key.to(dtype), valid_tokens, self.block_size)
-        num_blocks = q_avg.shape[2]
-        q_group = q_avg.view(batch, self.num_kv_heads, -1, num_blocks, head_dim).transpose(2, 3).flatten(3)
-        q_gate = torch.einsum("bhnc,hcg->bhng", q_group, self.q_weight)
-        k_gate = torch.einsum("bhnc,hcg->bhng", torch.cat([k_max, k_min, k_avg], dim=-1), self.k_weight)
+        q_group = pooled_query.view(batch, self.num_kv_heads, -1, num_blocks, head_dim).transpose(2, 3).flatten(3)
+        q_gate = torch.einsum("bhnc,hcg->bhng", q_group.to(dtype), self.q_weight)
+        k_features = torch.cat([k_max, k_min, k_avg], dim=-1).to(dtype)
+        k_gate = torch.einsum("bhnc,hcg->bhng", k_features, self.k_weight)
         if self.rope_theta is not None:
-            positions = torch.arange(num_blocks, device=query.device) * self.block_size
+            positions = torch.arange(num_blocks, device=q_gate.device) * self.block_size
             q_gate, k_gate = (_rotate(t, positions, self.rope_theta) for t in (q_gate, k_gate))
         scores = q_gate @ k_gate.transpose(-1, -2) / math.sqrt(self.gate_dim)
-        visible, _ = visible_blocks(seq, seq, causal=causal, block_size=self.block_size, device=query.device)
-        valid = visible & key_block_valid[:, None, None, :]  # (B, 1, NQ, NK)
+        visible, _ = visible_blocks(seq, seq, causal=causal, block_size=self.block_size, device=q_gate.device)
+        valid = visible
+        if key_padding is not None:
+            padded = F.pad(key_padding.bool(), (0, num_blocks * self.block_size - seq))
+            valid = valid & padded.view(batch, 1, num_blocks, self.block_size).any(-1)[:, :, None, :]
         valid = valid.expand_as(scores)
         # A row with nothing valid (a fully padded query block) gets a harmless uniform row; it carries no target.
         scores = scores.float().masked_fill(~valid, float("-inf")).masked_fill(~valid.any(-1, keepdim=True), 0.0)
         return torch.log_softmax(scores, dim=-1), valid
-
-
-def _pool(x: torch.Tensor, valid_tokens: torch.Tensor | None, block_size: int):
-    """Per-block average, max and min over valid tokens of ``(B, H, S, D)``, and ``(B, NK)`` blocks with any token."""
-    batch, heads, seq, dim = x.shape
-    blocks = -(-seq // block_size)
-    padded = F.pad(x, (0, 0, 0, blocks * block_size - seq)).view(batch, heads, blocks, block_size, dim)
-    valid = torch.zeros(batch, blocks * block_size, dtype=torch.bool, device=x.device)
-    valid[:, :seq] = True if valid_tokens is None else valid_tokens
-    valid = valid.view(batch, 1, blocks, block_size, 1)
-    count = valid.sum(3).clamp(min=1)
-    average = (padded * valid).sum(3) / count
-    maximum = padded.masked_fill(~valid, float("-inf")).amax(3)
-    minimum = padded.masked_fill(~valid, float("inf")).amin(3)
-    any_valid = valid.any(3)
-    maximum = torch.where(any_valid, maximum, torch.zeros_like(maximum))
-    minimum = torch.where(any_valid, minimum, torch.zeros_like(minimum))
-    return average, maximum, minimum, any_valid.view(batch, blocks)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -149,26 +141,23 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Ten
     return x * angles.cos().to(x.dtype) + _rotate_half(x) * angles.sin().to(x.dtype)
 
 
-def _unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Undo ``x * cos + rotate_half(x) * sin`` (also when cos/sin carry an attention scaling factor)."""
-    cos, sin = cos[:, None].float(), sin[:, None].float()
-    x = x.float()
-    return (x * cos - _rotate_half(x) * sin) / (cos * cos + sin * sin)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The attention function
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
 class _Ops:
     """The kernels, or their PyTorch references on a device Triton cannot use."""
 
-    def __init__(self, sparse, sparse_from_mask: bool, target, dense):
-        self.sparse, self.sparse_from_mask, self.target, self.dense = sparse, sparse_from_mask, target, dense
+    sparse: Callable
+    sparse_takes_mask: bool  # the reference takes a bool block mask, the kernel the compact selection
+    target: Callable
+    dense: Callable
+    pool: Callable
 
     def run_sparse(self, query, key, value, selection, *, causal, scale, key_padding):
-        if self.sparse_from_mask:
+        if self.sparse_takes_mask:
             return self.sparse(
                 query, key, value, selection_mask(selection), causal=causal, scale=scale, key_padding=key_padding,
                 block_size=selection.block_size,
@@ -176,10 +165,11 @@ class _Ops:
         return self.sparse(query, key, value, selection, causal=causal, scale=scale, key_padding=key_padding)
 
 
-_KERNELS = _Ops(block_sparse_attention, False, attention_with_block_target, dense_attention)
+_KERNELS = _Ops(block_sparse_attention, False, attention_with_block_target, dense_attention, pool_blocks)
 _REFERENCES = _Ops(
-    block_sparse_attention_reference, True, attention_with_block_target_reference, dense_attention_reference
-)
+    block_sparse_attention_reference, True, attention_with_block_target_reference, dense_attention_reference,
+    pool_blocks_reference,
+)  # fmt: skip
 
 
 def _run(ops: _Ops, query, key, value, *, causal, scale, key_padding, state, position_ids=None):
@@ -194,13 +184,13 @@ def _run(ops: _Ops, query, key, value, *, causal, scale, key_padding, state, pos
         out, target = ops.target(query, key, value, causal=causal, scale=scale, key_padding=key_padding, block_size=block)
         target = normalise_target(target, key.shape[1])
         if sink is not None:
-            log_probs, valid = _gate_scores(state, query, key, causal, key_padding, position_ids)
+            log_probs, valid = _gate_scores(ops, state, query, key, causal, key_padding, position_ids)
             sink(log_probs, valid, target)
             return out
         scores = target
     else:
         with torch.no_grad():
-            log_probs, _ = _gate_scores(state, query, key, causal, key_padding, position_ids)
+            log_probs, _ = _gate_scores(ops, state, query, key, causal, key_padding, position_ids)
         scores = log_probs.exp()
     seq = query.shape[2]
     rule = {name: config[name] for name in _SELECTION_RULES if config.get(name) is not None}
@@ -213,11 +203,18 @@ def _run(ops: _Ops, query, key, value, *, causal, scale, key_padding, state, pos
     return ops.run_sparse(query, key, value, selection, causal=causal, scale=scale, key_padding=key_padding)
 
 
-def _gate_scores(state, query, key, causal, key_padding, position_ids):
-    unrotate: Callable | None = state.__dict__.get("_unrotate")
-    if unrotate is not None:
-        query, key = unrotate(query, position_ids), unrotate(key, position_ids)
-    return state.gate(query, key, causal=causal, key_padding=key_padding)
+def _gate_scores(ops: _Ops, state, query, key, causal, key_padding, position_ids):
+    """The gate's block log-probabilities: pool pre-RoPE queries and keys (undoing RoPE while pooling), score."""
+    block = state.config["block_size"]
+    rotary: Callable | None = state.__dict__.get("_rotary")
+    cos = sin = None
+    if rotary is not None:
+        if position_ids is None:
+            position_ids = torch.arange(query.shape[2], device=query.device)[None]
+        cos, sin = rotary(query, position_ids)
+    pooled_query = ops.pool(query, block, valid=key_padding, cos=cos, sin=sin)[0]
+    pooled_key = ops.pool(key, block, valid=key_padding, cos=cos, sin=sin, extremes=True)
+    return state.gate(pooled_query, pooled_key, seq=query.shape[2], causal=causal, key_padding=key_padding)
 
 
 def _count(state: LayerState, selection, causal: bool) -> None:
@@ -260,7 +257,7 @@ def _prepare(model, states: list[LayerState]) -> None:
         _check_config(state.config)
     sources = {str(state.config["gates"]) for state in states if state.config.get("gates") is not None}
     artifacts = {source: _read_gates(model, Path(source)) for source in sources}
-    rope_theta, unrotate = _rope(model)
+    rope_theta, rotary = _rope(model)
     device = next(model.parameters()).device
     for state in states:
         config = state.config
@@ -279,8 +276,8 @@ def _prepare(model, states: list[LayerState]) -> None:
             heads, kv_heads, head_dim, gate_dim=config["gate_dim"], block_size=config["block_size"],
             rope_theta=rope_theta,
         ).to(device)  # fmt: skip
-        if unrotate is not None:
-            state.__dict__["_unrotate"] = unrotate  # a plain attribute: not a submodule, never saved
+        if rotary is not None:
+            state.__dict__["_rotary"] = rotary  # a plain attribute: not a submodule, never saved
         if source is not None:
             _load_gate(state, artifacts[str(source)], source)
 
@@ -300,21 +297,17 @@ def _check_config(config: dict) -> None:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
 
 
-def _rope(model) -> tuple[float | None, Callable | None]:
-    """``(rope_theta, unrotate)`` for a RoPE model (its rotary module found by name), else ``(None, None)``."""
+def _rope(model) -> tuple[float | None, nn.Module | None]:
+    """``(rope_theta, rotary embedding module)`` for a RoPE model (its rotary module found by name), else None twice.
+
+    The module maps ``(x, position_ids)`` to the ``(cos, sin)`` the model rotated queries and keys with.
+    """
     rotary = next((m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
     if rotary is None:
         return None, None
     parameters = getattr(model.config, "rope_parameters", None) or {}
     theta = parameters.get("rope_theta", getattr(model.config, "rope_theta", 10000.0))
-
-    def unrotate(x: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
-        if position_ids is None:
-            position_ids = torch.arange(x.shape[2], device=x.device)[None]
-        cos, sin = rotary(x, position_ids)
-        return _unrotate(x, cos, sin)
-
-    return float(theta), unrotate
+    return float(theta), rotary
 
 
 def _read_gates(model, directory: Path) -> dict:

@@ -16,7 +16,8 @@ from .blocks import (
     to_block_mask,
     visible_blocks,
 )
-from .naive import attention_with_block_target_reference, block_sparse_attention_reference
+from .naive import attention_with_block_target_reference, block_sparse_attention_reference, pool_blocks_reference
+from .pool import pool_blocks
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -27,6 +28,8 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_reference",
     "normalise_target",
+    "pool_blocks",
+    "pool_blocks_reference",
     "select_blocks",
     "selection_density",
     "selection_from_mask",

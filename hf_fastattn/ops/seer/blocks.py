@@ -73,7 +73,8 @@ def always_kept_blocks(
     own = torch.clamp((last_row + seq_k - seq_q) // block_size, min=0, max=nk - 1)
     local = (key_block <= own) & (key_block > own - local_blocks)
     # The diagonal of a bottom-right aligned query block may span two key blocks: keep both.
-    first_own = torch.clamp((last_row - block_size + 1 + seq_k - seq_q) // block_size, min=0)
+    first_row = torch.arange(nq, device=device)[:, None] * block_size
+    first_own = torch.clamp((first_row + seq_k - seq_q) // block_size, min=0)
     local |= (key_block >= first_own) & (key_block <= own)
     return ((key_block < sink_blocks) | local) & visible
 
@@ -118,7 +119,8 @@ def select_blocks(
     else:
         if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-        budget = torch.ceil((1.0 - sparsity) * visible.sum(-1, keepdim=True) - 1e-6)
+        # float64: in float32 the product can land an ulp (> 1e-6) above an integer (0.72 * 75) and keep one more.
+        budget = torch.ceil((1.0 - sparsity) * visible.sum(-1, keepdim=True).double() - 1e-6)
     ranked = scores.float().masked_fill(~visible, float("-inf")).masked_fill(forced, float("inf"))
     order = ranked.argsort(dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=device).expand_as(order))

@@ -101,3 +101,38 @@ def attention_with_block_target_reference(
     out = torch.cat(outs, dim=3).reshape(batch, num_q_heads, seq_q, head_dim).to(q.dtype)
     target = torch.cat(targets, dim=3).reshape(batch, num_q_heads, -1, nk)
     return out, target
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def pool_blocks_reference(
+    x: torch.Tensor,
+    block_size: int,
+    *,
+    valid: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    extremes: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """:func:`hf_fastattn.ops.seer.pool.pool_blocks` in PyTorch (fp32)."""
+    batch, heads, seq, dim = x.shape
+    x = x.float()
+    if cos is not None:
+        cos, sin = cos[:, None].float(), sin[:, None].float()
+        x = (x * cos - _rotate_half(x) * sin) / (cos * cos + sin * sin)
+    blocks = -(-seq // block_size)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, blocks * block_size - seq)).view(batch, heads, blocks, block_size, dim)
+    keep = torch.zeros(batch, blocks * block_size, dtype=torch.bool, device=x.device)
+    keep[:, :seq] = True if valid is None else valid.bool()
+    keep = keep.view(batch, 1, blocks, block_size, 1)
+    average = (padded * keep).sum(3) / keep.sum(3).clamp(min=1)
+    if not extremes:
+        return (average,)
+    any_valid = keep.any(3)
+    maximum = padded.masked_fill(~keep, float("-inf")).amax(3)
+    minimum = padded.masked_fill(~keep, float("inf")).amin(3)
+    zero = torch.zeros_like(maximum)
+    return average, torch.where(any_valid, maximum, zero), torch.where(any_valid, minimum, zero)
