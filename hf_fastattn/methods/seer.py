@@ -203,18 +203,35 @@ def _run(ops: _Ops, query, key, value, *, causal, scale, key_padding, state, pos
     return ops.run_sparse(query, key, value, selection, causal=causal, scale=scale, key_padding=key_padding)
 
 
-def _gate_scores(ops: _Ops, state, query, key, causal, key_padding, position_ids):
-    """The gate's block log-probabilities: pool pre-RoPE queries and keys (undoing RoPE while pooling), score."""
-    block = state.config["block_size"]
-    rotary: Callable | None = state.__dict__.get("_rotary")
+def gate_log_probs(
+    gate: AttnGate,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    causal: bool,
+    key_padding: torch.Tensor | None = None,
+    rotary: nn.Module | None = None,
+    position_ids: torch.Tensor | None = None,
+    pool: Callable = pool_blocks,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's gate on the tensors its attention function receives: pool the queries and keys (undoing RoPE with
+    the model's ``rotary`` embedding while pooling), then score. Returns ``AttnGate.forward``'s ``(log_probs, valid)``.
+    ``pool`` is :func:`~hf_fastattn.ops.seer.pool_blocks` (the Triton kernel) or its reference."""
     cos = sin = None
     if rotary is not None:
         if position_ids is None:
             position_ids = torch.arange(query.shape[2], device=query.device)[None]
         cos, sin = rotary(query, position_ids)
-    pooled_query = ops.pool(query, block, valid=key_padding, cos=cos, sin=sin)[0]
-    pooled_key = ops.pool(key, block, valid=key_padding, cos=cos, sin=sin, extremes=True)
-    return state.gate(pooled_query, pooled_key, seq=query.shape[2], causal=causal, key_padding=key_padding)
+    pooled_query = pool(query, gate.block_size, valid=key_padding, cos=cos, sin=sin)[0]
+    pooled_key = pool(key, gate.block_size, valid=key_padding, cos=cos, sin=sin, extremes=True)
+    return gate(pooled_query, pooled_key, seq=query.shape[2], causal=causal, key_padding=key_padding)
+
+
+def _gate_scores(ops: _Ops, state, query, key, causal, key_padding, position_ids):
+    return gate_log_probs(
+        state.gate, query, key, causal=causal, key_padding=key_padding, rotary=state.__dict__.get("_rotary"),
+        position_ids=position_ids, pool=ops.pool,
+    )  # fmt: skip
 
 
 def _count(state: LayerState, selection, causal: bool) -> None:
