@@ -85,7 +85,7 @@ def attention_with_block_target_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention and the 2-D max-pooled probability map ``(B, H_q, NQ, NK)`` (see the kernel), in fp32."""
     batch, num_q_heads, seq_q, head_dim = q.shape
-    num_kv_heads, seq_k = k.shape[1], k.shape[2]
+    seq_k = k.shape[2]
     scale = head_dim**-0.5 if scale is None else scale
     nk = -(-seq_k // block_size)
     outs, targets = [], []
