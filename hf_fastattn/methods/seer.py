@@ -92,8 +92,15 @@ class AttnGate(nn.Module):
         if gate_dim % 2:
             raise ValueError(f"gate_dim must be even (RoPE pairs), got {gate_dim}")
         group = num_q_heads // num_kv_heads
-        self.num_kv_heads, self.block_size, self.gate_dim, self.rope_theta = num_kv_heads, block_size, gate_dim, rope_theta
-        self.q_weight = nn.Parameter(torch.randn(num_kv_heads, group * head_dim, gate_dim) / math.sqrt(group * head_dim))
+        self.num_kv_heads, self.block_size, self.gate_dim, self.rope_theta = (
+            num_kv_heads,
+            block_size,
+            gate_dim,
+            rope_theta,
+        )
+        self.q_weight = nn.Parameter(
+            torch.randn(num_kv_heads, group * head_dim, gate_dim) / math.sqrt(group * head_dim)
+        )
         self.k_weight = nn.Parameter(torch.randn(num_kv_heads, 3 * head_dim, gate_dim) / math.sqrt(3 * head_dim))
 
     def forward(
@@ -181,7 +188,9 @@ def _run(ops: _Ops, query, key, value, *, causal, scale, key_padding, state, pos
         return ops.dense(query, key, value, causal=causal, scale=scale, key_padding=key_padding)
     sink = getattr(state, GATE_LOSS_SINK, None)
     if sink is not None or config["mode"] == "oracle":
-        out, target = ops.target(query, key, value, causal=causal, scale=scale, key_padding=key_padding, block_size=block)
+        out, target = ops.target(
+            query, key, value, causal=causal, scale=scale, key_padding=key_padding, block_size=block
+        )
         target = normalise_target(target, key.shape[1])
         if sink is not None:
             log_probs, valid = _gate_scores(ops, state, query, key, causal, key_padding, position_ids)

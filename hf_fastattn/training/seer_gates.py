@@ -253,4 +253,3 @@ def _windows_dataset(tokenizer, config: GateTrainingConfig):
     dataset = Dataset.from_dict({"input_ids": windows.tolist()})
     dataset.info.description = f"{len(windows)} windows of {config.sequence_length} tokens from {source}"
     return dataset
-

@@ -99,7 +99,9 @@ def select_blocks(
     or long, drops about the same fraction). The sink and local blocks are always kept and count towards a row's
     budget; invisible blocks are never selected.
     """
-    rules = [name for name, value in (("threshold", threshold), ("topk", topk), ("sparsity", sparsity)) if value is not None]
+    rules = [
+        name for name, value in (("threshold", threshold), ("topk", topk), ("sparsity", sparsity)) if value is not None
+    ]
     if len(rules) != 1:
         raise ValueError(f"choose exactly one of threshold, topk or sparsity (got {rules or 'none'})")
     device = scores.device
@@ -127,7 +129,9 @@ def select_blocks(
     return ((rank < budget) | forced) & visible
 
 
-def selection_from_mask(block_mask: torch.Tensor, *, seq_q: int, seq_k: int, causal: bool, block_size: int) -> BlockSelection:
+def selection_from_mask(
+    block_mask: torch.Tensor, *, seq_q: int, seq_k: int, causal: bool, block_size: int
+) -> BlockSelection:
     """The compact :class:`BlockSelection` of a bool ``(B, H_mask, NQ, NK)`` block mask (invisible blocks dropped)."""
     if block_mask.dim() != 4:
         raise ValueError(f"block mask must be (B, H, NQ, NK), got {tuple(block_mask.shape)}")
@@ -154,7 +158,10 @@ def selection_mask(selection: BlockSelection) -> torch.Tensor:
     nk = selection.shape[-1]
     position = torch.arange(nk, device=selection.full_index.device)
     mask = torch.zeros(selection.shape, dtype=torch.bool, device=selection.full_index.device)
-    for count, index in ((selection.full_count, selection.full_index), (selection.partial_count, selection.partial_index)):
+    for count, index in (
+        (selection.full_count, selection.full_index),
+        (selection.partial_count, selection.partial_index),
+    ):
         # Each index row is a permutation of the key blocks, so the scatter writes every position once.
         mask |= torch.zeros_like(mask).scatter(-1, index.long(), position < count[..., None])
     return mask
@@ -162,7 +169,9 @@ def selection_mask(selection: BlockSelection) -> torch.Tensor:
 
 def selection_density(selection: BlockSelection, *, seq_q: int, seq_k: int, causal: bool) -> torch.Tensor:
     """Fraction of visible key blocks the selection computes, as a 0-d device tensor (no host synchronisation)."""
-    visible, _ = visible_blocks(seq_q, seq_k, causal=causal, block_size=selection.block_size, device=selection.full_count.device)
+    visible, _ = visible_blocks(
+        seq_q, seq_k, causal=causal, block_size=selection.block_size, device=selection.full_count.device
+    )
     batch, heads = selection.shape[:2]
     total = visible.sum() * batch * heads
     return selection.selected_blocks().sum() / total.clamp(min=1)
@@ -194,4 +203,3 @@ def to_block_mask(selection: BlockSelection, *, num_q_heads: int, seq_q: int, se
         mask_mod=bottom_right_causal if causal else None,
         seq_lengths=(seq_q, seq_k),
     )
-

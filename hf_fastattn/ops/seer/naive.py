@@ -124,7 +124,9 @@ def pool_blocks_reference(
         cos, sin = cos[:, None].float(), sin[:, None].float()
         x = (x * cos - _rotate_half(x) * sin) / (cos * cos + sin * sin)
     blocks = -(-seq // block_size)
-    padded = torch.nn.functional.pad(x, (0, 0, 0, blocks * block_size - seq)).view(batch, heads, blocks, block_size, dim)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, blocks * block_size - seq)).view(
+        batch, heads, blocks, block_size, dim
+    )
     keep = torch.zeros(batch, blocks * block_size, dtype=torch.bool, device=x.device)
     keep[:, :seq] = True if valid is None else valid.bool()
     keep = keep.view(batch, 1, blocks, block_size, 1)
