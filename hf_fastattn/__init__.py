@@ -20,8 +20,8 @@ register_all()
 __all__ = [
     "ArtifactError",
     "BsfaCalibration",
-    "GateTrainingConfig",
     "Capabilities",
+    "GateTrainingConfig",
     "MethodSpec",
     "__version__",
     "attention_modules",
