@@ -30,8 +30,9 @@ class LayerState(nn.Module):
         self.spec = spec
         self.config = dict(config or {})
         self.decode = _decode_setting(spec, self.config.pop("decode", None))
-        # Realised-work counters a method accumulates on the device (e.g. BSFA's skipped tiles); not saved.
-        self.counters: dict[str, torch.Tensor] = {}
+        # Realised-work counters a method accumulates (e.g. BSFA's skipped tiles): device tensors, so nothing
+        # synchronises, or plain ints for counts known on the host; not saved.
+        self.counters: dict[str, torch.Tensor | int] = {}
 
     def reset_statistics(self) -> None:
         self.counters.clear()

@@ -28,6 +28,7 @@ Each layer counts selected and visible blocks on the device; :func:`seer_statist
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from ..ops.seer import (
     normalise_target,
     pool_blocks,
     pool_blocks_reference,
+    select_block_lists,
     select_blocks,
     selection_from_mask,
     selection_mask,
@@ -60,8 +62,9 @@ from ..state import LayerState
 GATE_FORMAT_VERSION = 1
 DEFAULT_GATE_DIM = 128
 MODES = ("gate", "oracle")
-# Key of the (2,) int64 counter in LayerState.counters: selected blocks, visible blocks.
+# Keys in LayerState.counters: selected key blocks (a device tensor, no host sync) and visible ones (an int).
 _COUNTS = "seer_blocks"
+_VISIBLE = "seer_visible_blocks"
 # Attribute set by gate training: a callable receiving (log_probs, target) per prefill; the layer then runs dense.
 GATE_LOSS_SINK = "seer_gate_loss_sink"
 _SELECTION_RULES = ("sparsity", "topk", "threshold")
@@ -162,6 +165,7 @@ class _Ops:
     target: Callable
     dense: Callable
     pool: Callable
+    select: Callable
 
     def run_sparse(self, query, key, value, selection, *, causal, scale, key_padding):
         if self.sparse_takes_mask:
@@ -172,10 +176,17 @@ class _Ops:
         return self.sparse(query, key, value, selection, causal=causal, scale=scale, key_padding=key_padding)
 
 
-_KERNELS = _Ops(block_sparse_attention, False, attention_with_block_target, dense_attention, pool_blocks)
+def _select_reference(scores, *, seq_q, seq_k, causal, block_size, **rule):
+    block_mask = select_blocks(scores, seq_q=seq_q, seq_k=seq_k, causal=causal, block_size=block_size, **rule)
+    return selection_from_mask(block_mask, seq_q=seq_q, seq_k=seq_k, causal=causal, block_size=block_size)
+
+
+_KERNELS = _Ops(
+    block_sparse_attention, False, attention_with_block_target, dense_attention, pool_blocks, select_block_lists
+)
 _REFERENCES = _Ops(
     block_sparse_attention_reference, True, attention_with_block_target_reference, dense_attention_reference,
-    pool_blocks_reference,
+    pool_blocks_reference, _select_reference,
 )  # fmt: skip
 
 
@@ -187,6 +198,7 @@ def _run(ops: _Ops, query, key, value, *, causal, scale, key_padding, state, pos
     if query.shape[2] != key.shape[2]:  # a cached prefix (chunked prefill): the gates score whole sequences only
         return ops.dense(query, key, value, causal=causal, scale=scale, key_padding=key_padding)
     sink = getattr(state, GATE_LOSS_SINK, None)
+    threshold = config.get("threshold")
     if sink is not None or config["mode"] == "oracle":
         out, target = ops.target(
             query, key, value, causal=causal, scale=scale, key_padding=key_padding, block_size=block
@@ -199,15 +211,17 @@ def _run(ops: _Ops, query, key, value, *, causal, scale, key_padding, state, pos
         scores = target
     else:
         with torch.no_grad():
-            log_probs, _ = _gate_scores(ops, state, query, key, causal, key_padding, position_ids)
-        scores = log_probs.exp()
+            scores, _ = _gate_scores(ops, state, query, key, causal, key_padding, position_ids)
+        # Log-probabilities rank like probabilities; the threshold moves to log units with them.
+        threshold = None if threshold is None else math.log(threshold) if threshold > 0 else -math.inf
     seq = query.shape[2]
-    rule = {name: config[name] for name in _SELECTION_RULES if config.get(name) is not None}
-    block_mask = select_blocks(
+    rule = {name: config[name] for name in ("sparsity", "topk") if config.get(name) is not None}
+    if threshold is not None:
+        rule["threshold"] = threshold
+    selection = ops.select(
         scores, seq_q=seq, seq_k=seq, causal=causal, block_size=block,
         sink_blocks=config["sink_blocks"], local_blocks=config["local_blocks"], **rule,
     )  # fmt: skip
-    selection = selection_from_mask(block_mask, seq_q=seq, seq_k=seq, causal=causal, block_size=block)
     _count(state, selection, causal)
     return ops.run_sparse(query, key, value, selection, causal=causal, scale=scale, key_padding=key_padding)
 
@@ -244,11 +258,20 @@ def _gate_scores(ops: _Ops, state, query, key, causal, key_padding, position_ids
 
 
 def _count(state: LayerState, selection, causal: bool) -> None:
+    """Accumulate (selected, visible) key blocks on the device; the visible total is a cached geometry constant."""
     batch, heads, nq, nk = selection.shape
-    visible, _ = visible_blocks(nq, nk, causal=causal, block_size=1, device=selection.full_count.device)
-    counts = torch.stack([selection.selected_blocks().sum(dtype=torch.int64), visible.sum() * batch * heads])
+    visible = _visible_total(nq, nk, causal) * batch * heads
+    selected = selection.selected_blocks().sum(dtype=torch.int64)
     previous = state.counters.get(_COUNTS)
-    state.counters[_COUNTS] = counts if previous is None else previous + counts
+    state.counters[_COUNTS] = selected if previous is None else previous + selected
+    state.counters[_VISIBLE] = state.counters.get(_VISIBLE, 0) + visible
+
+
+@functools.lru_cache(maxsize=256)
+def _visible_total(num_query_blocks: int, num_key_blocks: int, causal: bool) -> int:
+    # Gated calls have S_q == S_kv, so block counts stand in for lengths at block size 1.
+    visible, _ = visible_blocks(num_query_blocks, num_key_blocks, causal=causal, block_size=1)
+    return int(visible.sum())
 
 
 def _kernel(query, key, value, **kwargs):
@@ -265,7 +288,7 @@ def seer_statistics(state: LayerState) -> dict:
     counts = state.counters.get(_COUNTS)
     if counts is None:
         return {"density": None}
-    selected, visible = (int(c) for c in counts.cpu())
+    selected, visible = int(counts), state.counters[_VISIBLE]
     return {"density": selected / max(visible, 1), "blocks": {"selected": selected, "visible": visible}}
 
 

@@ -15,6 +15,7 @@ Only the main process writes the gate artifact, atomically (``hf_fastattn.save_s
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import json
 import time
@@ -41,8 +42,8 @@ class GateTrainingConfig:
     model: str = "smollm2"
     data: str = "default"  # token_windows: "default" (Austen train + Python docs), "austen", "pydocs"
     sequence_length: int = 8192
-    samples: int = 192
-    epochs: float = 1.0
+    samples: int = 160
+    epochs: float = 2.0
     max_steps: int = -1
     global_batch_size: int = 4
     per_device_batch_size: int = 1
@@ -71,9 +72,17 @@ class GateTrainingConfig:
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            values = yaml.safe_load(text) or {}
+            try:
+                values = yaml.safe_load(text) or {}
+            except yaml.YAMLError as error:
+                raise ValueError(f"{path} is not valid YAML ({error})") from error
         else:
-            values = json.loads(text)
+            try:
+                values = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} is not valid JSON ({error})") from error
+        if not isinstance(values, dict):
+            raise TypeError(f"{path} must hold a mapping of settings, not a {type(values).__name__}")
         values.update({key: value for key, value in overrides.items() if value is not None})
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
@@ -176,7 +185,7 @@ def train_gates(
     ``hf_fastattn.patch(model, "seer", gates=...)``.
     """
     from accelerate import PartialState
-    from transformers import TrainingArguments, default_data_collator
+    from transformers import TrainingArguments, default_data_collator, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     from ..artifacts import save_state
@@ -189,6 +198,7 @@ def train_gates(
         model, tokenizer = load_model(config.model, dtype=resolve_dtype(config.dtype, device), device=device)
     if dataset is None:
         dataset = _windows_dataset(tokenizer, config)
+    set_seed(config.seed)  # the gates' initialisation too (Trainer seeds only once the gates exist)
     prepare_for_gate_training(model, block_size=config.block_size, gate_dim=config.gate_dim)
     gate_loss = GateLoss(config.skip_first_fraction)
     for layer in layer_states(model):
@@ -248,8 +258,12 @@ def train_gates(
 
 def _windows_dataset(tokenizer, config: GateTrainingConfig):
     from datasets import Dataset
+    from datasets.table import InMemoryTable
 
     windows, source = token_windows(config.data, tokenizer, samples=config.samples, length=config.sequence_length)
-    dataset = Dataset.from_dict({"input_ids": windows.tolist()})
+    # The fingerprint is the windows' content hash: the same text gives the same fingerprint, and datasets need not
+    # pickle the table to derive one (its dill hashing of pyarrow types fails on Python 3.12 with pyarrow 26).
+    fingerprint = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]
+    dataset = Dataset(InMemoryTable.from_pydict({"input_ids": windows.tolist()}), fingerprint=fingerprint)
     dataset.info.description = f"{len(windows)} windows of {config.sequence_length} tokens from {source}"
     return dataset

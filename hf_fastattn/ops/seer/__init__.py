@@ -18,6 +18,7 @@ from .blocks import (
 )
 from .naive import attention_with_block_target_reference, block_sparse_attention_reference, pool_blocks_reference
 from .pool import pool_blocks
+from .select import select_block_lists
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -30,6 +31,7 @@ __all__ = [
     "normalise_target",
     "pool_blocks",
     "pool_blocks_reference",
+    "select_block_lists",
     "select_blocks",
     "selection_density",
     "selection_from_mask",

@@ -14,6 +14,7 @@ query heads of a GQA group) or of query heads. Everything is computed on the dev
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -45,7 +46,15 @@ def num_blocks(length: int, block_size: int) -> int:
 def visible_blocks(
     seq_q: int, seq_k: int, *, causal: bool, block_size: int, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(visible, full)`` bool ``(NQ, NK)``: key blocks any row of a query block sees, and those every row fully sees."""
+    """``(visible, full)`` bool ``(NQ, NK)``: key blocks any row of a query block sees, and those every row fully sees.
+
+    The tensors are cached per geometry and device (every layer of every call asks for the same ones): read-only.
+    """
+    return _visible_blocks(seq_q, seq_k, causal, block_size, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=256)
+def _visible_blocks(seq_q: int, seq_k: int, causal: bool, block_size: int, device: str):
     first_row = torch.arange(num_blocks(seq_q, block_size), device=device)[:, None] * block_size
     last_row = torch.clamp(first_row + block_size, max=seq_q) - 1
     first_key = torch.arange(num_blocks(seq_k, block_size), device=device)[None, :] * block_size

@@ -1,0 +1,161 @@
+"""Block selection in one Triton kernel: block scores in, the compact :class:`BlockSelection` out.
+
+The same function as ``selection_from_mask(select_blocks(scores, ...), ...)`` (:mod:`hf_fastattn.ops.seer.blocks`),
+bit for bit on finite scores, in one launch instead of some thirty small PyTorch ops, which at long context made the
+selection launch-bound. One program per (batch, mask head, query block) row:
+
+1. visibility, the full/partial split and the always-kept blocks (sink and local) from the geometry;
+2. the rule: ``threshold`` keeps scores above it; ``topk``/``sparsity`` keep the row's budget of blocks, the
+   always-kept first, then the best of the rest. The budget's cut value is found by bisection on the scores' sortable
+   integer keys (32 halvings), and ties at the cut go to the lowest block index, like a stable descending sort;
+3. compaction: the selected full (then partial) blocks in ascending order, followed by the unselected ones, so each
+   index row is a permutation of the key blocks, as in the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .._runtime import check_tile_size, next_power_of_2
+from .blocks import BlockSelection, num_blocks, visible_blocks
+
+
+@triton.jit
+def _write_list(INDEX, COUNT, row_offset, count_offset, selected, in_range, blocks):
+    """Store the selected blocks' indices in ascending order, then the others, and the count."""
+    count = tl.sum(selected.to(tl.int32), 0)
+    rest = in_range & ~selected
+    position = tl.where(selected, tl.cumsum(selected.to(tl.int32), 0) - 1, count + tl.cumsum(rest.to(tl.int32), 0) - 1)
+    tl.store(INDEX + row_offset + position, blocks, mask=in_range)
+    tl.store(COUNT + count_offset, count)
+
+
+@triton.jit
+def _select_kernel(
+    SCORES, BUDGET, FULL_COUNT, FULL_INDEX, PARTIAL_COUNT, PARTIAL_INDEX,
+    stride_sb, stride_sh, stride_sm,
+    num_heads, num_query_blocks, num_key_blocks, seq_q, seq_k, threshold, sink_blocks, local_blocks,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    USE_THRESHOLD: tl.constexpr,
+):  # fmt: skip
+    m = tl.program_id(0)
+    bh = tl.program_id(1)
+    batch = bh // num_heads
+    head = bh % num_heads
+    blocks = tl.arange(0, BLOCK_K)
+    in_range = blocks < num_key_blocks
+    scores = tl.load(
+        SCORES + batch * stride_sb + head * stride_sh + m * stride_sm + blocks, mask=in_range, other=float("-inf")
+    ).to(tl.float32)
+
+    offset = seq_k - seq_q
+    first_row = m * BLOCK
+    last_row = tl.minimum(first_row + BLOCK, seq_q) - 1
+    first_key = blocks * BLOCK
+    last_key = first_key + BLOCK - 1
+    whole = last_key < seq_k
+    if CAUSAL:
+        visible = in_range & (first_key <= last_row + offset)
+        full = whole & (last_key <= first_row + offset)
+    else:
+        visible = in_range
+        full = whole
+    # The local blocks end at the one holding the last row's own key; the diagonal may span two key blocks. Clamped
+    # at 0 first, so truncating and flooring division agree.
+    own = tl.minimum(tl.maximum(last_row + offset, 0) // BLOCK, num_key_blocks - 1)
+    first_own = tl.maximum(first_row + offset, 0) // BLOCK
+    local = ((blocks <= own) & (blocks > own - local_blocks)) | ((blocks >= first_own) & (blocks <= own))
+    forced = ((blocks < sink_blocks) | local) & visible
+
+    if USE_THRESHOLD:
+        keep = forced | (visible & (scores > threshold))
+    else:
+        free = visible & ~forced
+        need = tl.load(BUDGET + m) - tl.sum(forced.to(tl.int32), 0)
+        need = tl.minimum(tl.maximum(need, 0), tl.sum(free.to(tl.int32), 0))
+        # Sortable keys: IEEE bits, with the magnitude bits of negative numbers flipped, order like the floats.
+        bits = scores.to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+        lo = tl.full([], -2147483648, tl.int64)  # count(key >= lo) = every free block >= need
+        hi = tl.full([], 2147483648, tl.int64)  # count(key >= hi) = 0 < need (when need > 0)
+        for _ in range(32):
+            mid = lo + (hi - lo) // 2
+            enough = tl.sum((free & (key >= mid)).to(tl.int32), 0) >= need
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid)
+        above = free & (key > lo)
+        ties = free & (key == lo)
+        room = need - tl.sum(above.to(tl.int32), 0)
+        take = ties & (tl.cumsum(ties.to(tl.int32), 0) <= room)
+        keep = forced | above | take
+
+    row = (batch * num_heads + head) * num_query_blocks + m
+    _write_list(FULL_INDEX, FULL_COUNT, row * num_key_blocks, row, keep & full, in_range, blocks)
+    _write_list(PARTIAL_INDEX, PARTIAL_COUNT, row * num_key_blocks, row, keep & ~full, in_range, blocks)
+
+
+@functools.lru_cache(maxsize=64)
+def _row_budgets(seq_q: int, seq_k: int, causal: bool, block_size: int, sparsity: float, device: str) -> torch.Tensor:
+    """``ceil((1 - sparsity) * visible)`` per query block, as ``select_blocks`` computes it (float64)."""
+    visible, _ = visible_blocks(seq_q, seq_k, causal=causal, block_size=block_size, device=device)
+    return torch.ceil((1.0 - sparsity) * visible.sum(-1).double() - 1e-6).to(torch.int32)
+
+
+def select_block_lists(
+    scores: torch.Tensor,
+    *,
+    seq_q: int,
+    seq_k: int,
+    causal: bool,
+    block_size: int,
+    threshold: float | None = None,
+    topk: int | None = None,
+    sparsity: float | None = None,
+    sink_blocks: int = 1,
+    local_blocks: int = 1,
+) -> BlockSelection:
+    """:func:`~hf_fastattn.ops.seer.blocks.select_blocks` followed by ``selection_from_mask``, in one kernel.
+
+    ``scores`` ``(B, H, NQ, NK)`` ranks blocks (probabilities, log-probabilities or a ground-truth map: any monotone
+    score; ``threshold`` is in the same units).
+    """
+    rules = [
+        name for name, value in (("threshold", threshold), ("topk", topk), ("sparsity", sparsity)) if value is not None
+    ]
+    if len(rules) != 1:
+        raise ValueError(f"choose exactly one of threshold, topk or sparsity (got {rules or 'none'})")
+    check_tile_size("block_size", block_size)
+    batch, heads, nq, nk = scores.shape
+    if (nq, nk) != (num_blocks(seq_q, block_size), num_blocks(seq_k, block_size)):
+        raise ValueError(f"block scores end in {(nq, nk)}, expected (NQ, NK) for S_q={seq_q}, S_kv={seq_k}")
+    device = scores.device
+    if topk is not None:
+        if topk < 0:
+            raise ValueError(f"topk must be >= 0, got {topk}")
+        budget = torch.full((nq,), min(topk, nk), dtype=torch.int32, device=device)
+    elif sparsity is not None:
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        budget = _row_budgets(seq_q, seq_k, causal, block_size, float(sparsity), str(device))
+    else:
+        budget = torch.empty(1, dtype=torch.int32, device=device)
+    if scores.stride(-1) != 1:
+        scores = scores.contiguous()
+    full_count = torch.empty(batch, heads, nq, dtype=torch.int32, device=device)
+    partial_count = torch.empty_like(full_count)
+    full_index = torch.empty(batch, heads, nq, nk, dtype=torch.int32, device=device)
+    partial_index = torch.empty_like(full_index)
+    _select_kernel[(nq, batch * heads)](
+        scores, budget, full_count, full_index, partial_count, partial_index,
+        scores.stride(0), scores.stride(1), scores.stride(2),
+        heads, nq, nk, seq_q, seq_k, math.inf if threshold is None else float(threshold), sink_blocks, local_blocks,
+        BLOCK=block_size, BLOCK_K=max(16, next_power_of_2(nk)), CAUSAL=bool(causal), USE_THRESHOLD=threshold is not None,
+    )  # fmt: skip
+    return BlockSelection(full_count, full_index, partial_count, partial_index, block_size)
