@@ -22,21 +22,20 @@ if interpreter_enabled():
     patch_interpreter_bf16()
 
 
-def _tuned(kernel):
+def _tuned(kernel, key):
     configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in _LAUNCH_CONFIGS]
-    return triton.autotune(configs, key=_AUTOTUNE_KEY)(kernel)
+    return triton.autotune(configs, key=key)(kernel)
 
 
-_sparse_tuned = _tuned(_block_sparse_fwd_kernel)
-_target_tuned = _tuned(_block_target_kernel)
+_sparse_tuned = _tuned(_block_sparse_fwd_kernel, [*_AUTOTUNE_KEY, "HEADS_PER_PROGRAM"])
+_target_tuned = _tuned(_block_target_kernel, _AUTOTUNE_KEY)
 
 
-def _launch(kernel, tuned, grid, args, meta, seq_k):
+def _launch(kernel, tuned, grid, args, meta, seq_k, default_warps: int = 4):
     if autotune_enabled() and not interpreter_enabled():
         tuned[grid](*args, **meta, seq_bucket=min(next_power_of_2(seq_k), 1 << 16))
     else:
-        warps, stages = _LAUNCH_CONFIGS[0]
-        kernel[grid](*args, **meta, seq_bucket=0, num_warps=warps, num_stages=stages)
+        kernel[grid](*args, **meta, seq_bucket=0, num_warps=default_warps, num_stages=3)
 
 
 def _common(q, k, v, key_padding, scale, block_size, caller):
@@ -57,11 +56,14 @@ def block_sparse_attention(
     scale: float | None = None,
     key_padding: torch.Tensor | None = None,
     return_lse: bool = False,
+    heads_per_program: int | None = None,
 ):
     """Attention over the selected key blocks only, ``(B, H_q, S_q, D)`` in and out (forward only).
 
     ``selection`` (:func:`~hf_fastattn.ops.seer.blocks.selection_from_mask`) has one mask head per KV head or per
-    query head. Rows that see no selected key give zeros (LSE ``-inf``).
+    query head. Rows that see no selected key give zeros (LSE ``-inf``). ``heads_per_program`` query heads sharing
+    a selection run as one tile (default: 2 when the selection is shared by an even number of heads and
+    ``D <= 128``, else 1).
     """
     q, k, v, kpad, scale = _common(q, k, v, key_padding, scale, selection.block_size, "block_sparse_attention")
     batch, num_q_heads, seq_q, head_dim = q.shape
@@ -75,6 +77,11 @@ def block_sparse_attention(
             f"{block}: expected (B, H_kv or H_q, NQ, NK) = ({batch}, {num_kv_heads} or {num_q_heads}, "
             f"{expected[1]}, {expected[2]})"
         )
+    shared = num_q_heads // mask_heads
+    if heads_per_program is None:
+        heads_per_program = 2 if shared % 2 == 0 and head_dim <= 128 else 1
+    if shared % heads_per_program:
+        raise ValueError(f"heads_per_program={heads_per_program} must divide the {shared} heads sharing a selection")
     full_count, full_index, partial_count, partial_index = (
         t.to(device=q.device, dtype=torch.int32).contiguous() for t in selection[:4]
     )
@@ -96,10 +103,12 @@ def block_sparse_attention(
         "HEAD_DIM": head_dim,
         "BLOCK_D": next_power_of_2(head_dim),
         "BLOCK": block,
+        "HEADS_PER_PROGRAM": heads_per_program,
         "CAUSAL": bool(causal),
         "HAS_KEY_PADDING": kpad is not None,
     }
-    _launch(_block_sparse_fwd_kernel, _sparse_tuned, (expected[1], batch * num_q_heads), args, meta, seq_k)
+    grid = (expected[1], batch * num_q_heads // heads_per_program)
+    _launch(_block_sparse_fwd_kernel, _sparse_tuned, grid, args, meta, seq_k, default_warps=4 * heads_per_program)
     return (out, lse) if return_lse else out
 
 

@@ -76,19 +76,24 @@ def _block_sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK: tl.constexpr,
+    HEADS_PER_PROGRAM: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_KEY_PADDING: tl.constexpr,
 ):  # fmt: skip
     # Late (heavier, causal) query blocks first, as in the dense kernel.
     block_m = tl.num_programs(0) - 1 - tl.program_id(0)
     start_m = block_m * BLOCK
-    bh = tl.program_id(1)
-    batch = bh // num_q_heads
-    q_head = bh % num_q_heads
-    kv_head = q_head // group_size
-    mask_head = q_head // mask_group_size
+    # A program takes HEADS_PER_PROGRAM query heads that share one selection (and one KV head), stacked as the rows
+    # of one tile: each K/V tile is loaded once for all of them, and the matrix products are taller.
+    head_groups = num_q_heads // HEADS_PER_PROGRAM
+    batch = tl.program_id(1) // head_groups
+    first_head = (tl.program_id(1) % head_groups) * HEADS_PER_PROGRAM
+    kv_head = first_head // group_size
+    mask_head = first_head // mask_group_size
 
-    offs_m = start_m + tl.arange(0, BLOCK)
+    rows = tl.arange(0, HEADS_PER_PROGRAM * BLOCK)
+    q_heads = first_head + rows // BLOCK
+    offs_m = start_m + rows % BLOCK
     offs_n = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     k_base = K + batch * stride_kb + kv_head * stride_kh
@@ -100,16 +105,16 @@ def _block_sparse_fwd_kernel(
         q_mask = row_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
     else:
         q_mask = row_valid[:, None]
-    q_ptrs = Q + batch * stride_qb + q_head * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    q_ptrs = Q + batch * stride_qb + q_heads[:, None] * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
 
     count_offset = batch * stride_cb + mask_head * stride_ch + block_m
     index_offset = batch * stride_ib + mask_head * stride_ih + block_m * stride_im
     qk_scale = scale * 1.4426950408889634
     causal_offset = seq_k - seq_q
-    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK], dtype=tl.float32)
-    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([HEADS_PER_PROGRAM * BLOCK], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([HEADS_PER_PROGRAM * BLOCK], dtype=tl.float32)
+    acc = tl.zeros([HEADS_PER_PROGRAM * BLOCK, BLOCK_D], dtype=tl.float32)
 
     acc, m_i, l_i = _selected_tiles(
         acc, m_i, l_i, q, k_base, v_base, kpad_base, FULL_INDEX + index_offset, tl.load(FULL_COUNT + count_offset),
@@ -124,9 +129,9 @@ def _block_sparse_fwd_kernel(
     )  # fmt: skip
 
     out, lse = attn_fwd_finish(acc, m_i, l_i)
-    o_ptrs = Out + batch * stride_ob + q_head * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    o_ptrs = Out + batch * stride_ob + q_heads[:, None] * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
-    tl.store(LSE + bh * seq_q + offs_m, lse, mask=row_valid)
+    tl.store(LSE + (batch * num_q_heads + q_heads) * seq_q + offs_m, lse, mask=row_valid)
 
 
 @triton.jit
