@@ -14,6 +14,8 @@ cli="python -m hf_fastattn.cli"
 config="seer.gates=$gates"
 densities="seer:sparsity=0.5,seer:sparsity=0.7,seer:sparsity=0.8,seer:sparsity=0.9"
 oracles="seer:mode=oracle:sparsity=0.5,seer:mode=oracle:sparsity=0.7,seer:mode=oracle:sparsity=0.8,seer:mode=oracle:sparsity=0.9"
+# Four local blocks (the diagonal and the three before it) always kept, within the same budget.
+local4="seer:sparsity=0.5:local_blocks=4,seer:mode=oracle:sparsity=0.5:local_blocks=4,seer:sparsity=0.8:local_blocks=4"
 mkdir -p "$work"
 
 python - <<'PY'
@@ -34,7 +36,7 @@ for step in "$@"; do
              --config recipes/configs/seer_smollm2_8k.yaml --out "$work/train" 2>&1 | tee "$work/train.log" \
              | grep -v "it/s\]" ;
            rm -rf "$work"/train/checkpoint-* ;;
-    ppl) $cli eval ppl --model smollm2 --methods "dense,fastattn_dense,$densities,$oracles" --config "$config" \
+    ppl) $cli eval ppl --model smollm2 --methods "dense,$densities,$oracles,$local4" --config "$config" \
            --out "$work/ppl" ;;
     niah) $cli eval niah --model smollm2 --methods dense,seer:sparsity=0.5,seer:sparsity=0.8,seer:mode=oracle:sparsity=0.5 \
             --config "$config" --out "$work/niah" ;;
