@@ -1,0 +1,606 @@
+"""``fastattn_seer`` on tiny random models: exactness at sparsity 0, the block-sparse kernel's answer on the gate's (or
+the ground truth's) selection, pre-RoPE gate inputs, chunked prefill and decode, configuration errors, gate artifacts
+and the gradient fallback.
+
+The models are fp32 on the CPU, where ``tests/conftest.py`` runs the Triton kernels in the interpreter, with 16-token
+blocks so that an 80-token prompt spans five query blocks. Every sparse check records the method's own kernel calls
+(inputs, selection and output, through a spy on ``hf_fastattn.methods.seer._KERNELS``) and recomputes them with the
+plain-PyTorch references of :mod:`hf_fastattn.ops.seer`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, BertConfig, DynamicCache, LlamaConfig
+
+import hf_fastattn
+import hf_fastattn.dispatch
+import hf_fastattn.ops.seer.attention as seer_attention
+from hf_fastattn import ArtifactError
+from hf_fastattn.artifacts import CONFIG_NAME, TENSORS_NAME
+from hf_fastattn.methods import seer
+from hf_fastattn.ops.seer import (
+    attention_with_block_target_reference,
+    block_sparse_attention_reference,
+    normalise_target,
+    pool_blocks_reference,
+    select_blocks,
+    selection_mask,
+    visible_blocks,
+)
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="fp32 tiny models run the kernels only on the CPU interpreter"
+)
+
+BLOCK = 16
+GATE_DIM = 16
+VOCAB = 128
+PAD_ID = 0
+TOL = {"atol": 1e-4, "rtol": 1e-4}
+KERNEL_TOL = {"atol": 2e-5, "rtol": 2e-5}  # one kernel call against its fp32 reference
+LLAMA = LlamaConfig(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD_ID, bos_token_id=1, eos_token_id=2,
+    initializer_range=0.2,  # larger scores than the default: peaked attention, greedy decoding does not repeat
+)  # fmt: skip
+BERT = BertConfig(
+    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+    max_position_embeddings=128, pad_token_id=PAD_ID, initializer_range=0.2,
+)  # fmt: skip
+LAYERS = 2
+ARCHS = {"llama": (LLAMA, AutoModelForCausalLM), "bert": (BERT, AutoModel)}
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings(caplog):
+    hf_fastattn.dispatch.reset_warnings()
+    caplog.set_level(logging.WARNING, logger="hf_fastattn")
+    yield
+    hf_fastattn.dispatch.reset_warnings()
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "hf_fastattn" and r.levelno >= logging.WARNING]
+
+
+def model_pair(arch: str = "llama", implementation: str = "sdpa", seed: int = 0):
+    """(eager reference, model to patch) with the same weights, each built from its own copy of the config."""
+    config, auto_class = ARCHS[arch]
+    torch.manual_seed(seed)
+    reference = auto_class.from_config(copy.deepcopy(config), attn_implementation="eager").eval()
+    model = auto_class.from_config(copy.deepcopy(config), attn_implementation=implementation).eval()
+    model.load_state_dict(reference.state_dict())
+    assert reference.config is not model.config
+    assert reference.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == implementation
+    return reference, model
+
+
+def prompt(seq: int = 80, pad: int = 0, batch: int = 2, seed: int = 1):
+    """Random token ids and a mask; with ``pad``, row 1 is left-padded by ``pad`` tokens (else no mask at all)."""
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    if not pad:
+        return ids, None
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, :pad] = 0
+    ids[1, :pad] = PAD_ID
+    return ids, mask
+
+
+def output(model, ids, mask, **kwargs):
+    with torch.no_grad():
+        result = model(input_ids=ids, attention_mask=mask, **kwargs)
+    return result.logits if getattr(result, "logits", None) is not None else result.last_hidden_state
+
+
+def valid_positions(ids, mask):
+    return torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+
+
+def statistics(model) -> list[dict]:
+    spec = hf_fastattn.get_method("seer")
+    return [spec.statistics(state) for state in hf_fastattn.layer_states(model)]
+
+
+def densities(model) -> list[float | None]:
+    return [entry["density"] for entry in statistics(model)]
+
+
+def gate_tensors(model) -> dict[str, torch.Tensor]:
+    return {
+        f"{state.layer_index}.{name}": parameter.detach().clone()
+        for state in hf_fastattn.layer_states(model)
+        for name, parameter in state.gate.named_parameters()
+    }
+
+
+def randomise_gates(model, seed: int = 7) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for state in hf_fastattn.layer_states(model):
+            for parameter in state.gate.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator))
+
+
+class Spy:
+    """Records the method's kernel calls (inputs, kwargs, output), gate calls, decode steps, Triton launches and SDPA
+    fallbacks; the plain-PyTorch reference path must never run."""
+
+    KERNELS = ("sparse", "target", "dense", "pool", "select")
+
+    def __init__(self, monkeypatch):
+        self.sparse, self.target, self.dense, self.pool, self.select, self.gate, self.decode = (
+            [],
+            [],
+            [],
+            [],
+            [],
+            [],
+            [],
+        )
+        self.launches, self.fallbacks = [], 0
+        kernels = {name: self._recording(getattr(seer._KERNELS, name), getattr(self, name)) for name in self.KERNELS}
+        kernels["pool"] = self._recording(seer._KERNELS.pool, self.pool, positional=("x", "block_size"))
+        kernels["select"] = self._recording(seer._KERNELS.select, self.select, positional=("scores",))
+        monkeypatch.setattr(seer, "_KERNELS", dataclasses.replace(seer._KERNELS, **kernels))
+        # Every operation of the reference path (whatever _Ops holds) must stay unused.
+        operations = [field.name for field in dataclasses.fields(seer._REFERENCES)]
+        forbidden = {name: self._forbidden for name in operations if callable(getattr(seer._REFERENCES, name))}
+        monkeypatch.setattr(seer, "_REFERENCES", dataclasses.replace(seer._REFERENCES, **forbidden))
+        real_decode = hf_fastattn.dispatch.decode_attention
+
+        def decode(query, *args, **kwargs):
+            self.decode.append(query.shape[2])
+            return real_decode(query, *args, **kwargs)
+
+        monkeypatch.setattr(hf_fastattn.dispatch, "decode_attention", decode)
+        real_fallback = hf_fastattn.dispatch.sdpa_fallback
+
+        def fallback(*args, **kwargs):
+            self.fallbacks += 1
+            return real_fallback(*args, **kwargs)
+
+        monkeypatch.setattr(hf_fastattn.dispatch, "sdpa_fallback", fallback)
+        real_launch = seer_attention._launch
+
+        def launch(kernel, *args, **kwargs):
+            self.launches.append(kernel)
+            return real_launch(kernel, *args, **kwargs)
+
+        monkeypatch.setattr(seer_attention, "_launch", launch)
+        real_gate = seer.AttnGate.forward
+
+        def gate(module, pooled_query, pooled_key, **kwargs):
+            log_probs, valid = real_gate(module, pooled_query, pooled_key, **kwargs)
+            record = {"query": pooled_query, "key": pooled_key, "log_probs": log_probs, "valid": valid}
+            self.gate.append({**record, **kwargs})
+            return log_probs, valid
+
+        monkeypatch.setattr(seer.AttnGate, "forward", gate)
+
+    @staticmethod
+    def _recording(function, calls, positional=("q", "k", "v")):
+        """Records the first ``positional`` arguments by name, the rest as ``args``, and the output."""
+
+        def wrapper(*args, **kwargs):
+            out = function(*args, **kwargs)
+            named = dict(zip(positional, args))
+            calls.append({**named, "args": args[len(positional) :], "kwargs": kwargs, "out": out})
+            return out
+
+        return wrapper
+
+    @staticmethod
+    def _forbidden(*args, **kwargs):
+        raise AssertionError("the plain-PyTorch reference ran instead of the Triton kernel")
+
+    def assert_sparse_kernel_ran(self, calls: int):
+        assert len(self.sparse) == calls and len(self.select) == calls and self.fallbacks == 0
+        assert self.launches.count(seer_attention._block_sparse_fwd_kernel) == calls
+
+
+def check_sparse_calls(spy: Spy, *, causal: bool, **rule):
+    """Each block-sparse kernel call equals the reference on its selection, and that selection is the one the rule
+    picks from the gate's probabilities (gate mode). Returns (selected, visible) blocks summed over the calls."""
+    selected = visible_total = 0
+    assert len(spy.gate) == len(spy.sparse)
+    for call, gate in zip(spy.sparse, spy.gate):
+        (selection,) = call["args"]
+        kwargs = call["kwargs"]
+        assert kwargs["causal"] is causal and selection.block_size == BLOCK
+        seq = call["q"].shape[2]
+        mask = selection_mask(selection)
+        assert mask.shape == (call["q"].shape[0], call["k"].shape[1], -(-seq // BLOCK), -(-seq // BLOCK))
+        expected = block_sparse_attention_reference(
+            call["q"], call["k"], call["v"], mask, causal=causal, scale=kwargs["scale"],
+            key_padding=kwargs["key_padding"], block_size=BLOCK,
+        )  # fmt: skip
+        torch.testing.assert_close(call["out"], expected, **KERNEL_TOL)
+        probabilities = gate["log_probs"].exp()
+        chosen = select_blocks(probabilities, seq_q=seq, seq_k=seq, causal=causal, block_size=BLOCK, **rule)
+        assert torch.equal(mask, chosen)
+        visible, _ = visible_blocks(seq, seq, causal=causal, block_size=BLOCK)
+        selected += int(mask.sum())
+        visible_total += int(visible.sum()) * mask.shape[0] * mask.shape[1]
+    return selected, visible_total
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sparsity 0: every visible block, exact attention
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_sparsity_zero_matches_eager(arch, monkeypatch, caplog):
+    reference, model = model_pair(arch)
+    hf_fastattn.patch(model, "seer", sparsity=0.0, block_size=BLOCK)
+    assert model.config._attn_implementation == "fastattn_seer"
+    assert reference.config._attn_implementation == "eager"
+    spy = Spy(monkeypatch)
+    ids, mask = prompt(seq=40, pad=21)  # 3 blocks, the last partial; row 1: a fully padded first block
+    got, expected = output(model, ids, mask), output(reference, ids, mask)
+    valid = valid_positions(ids, mask)
+    torch.testing.assert_close(got[valid], expected[valid], **TOL)
+    spy.assert_sparse_kernel_ran(LAYERS)
+    assert warnings_of(caplog) == []
+    blocks = 3 * 4 // 2 if arch == "llama" else 3 * 3  # per (batch row, KV head): causal triangle or everything
+    kv_heads = 2 if arch == "llama" else 4
+    per_layer = {"density": 1.0, "blocks": {"selected": 2 * kv_heads * blocks, "visible": 2 * kv_heads * blocks}}
+    assert statistics(model) == [per_layer] * LAYERS
+    for state in hf_fastattn.layer_states(model):
+        state.reset_statistics()
+    assert densities(model) == [None] * LAYERS
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Gate mode: the gate's selection, computed by the block-sparse kernel
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arch", "rule", "density"),
+    [
+        # Budgets ceil(0.5 * visible) per row: causal rows see 1..5 blocks (1+1+2+2+3 of 15), bidirectional 2 of 4.
+        ("llama", {"sparsity": 0.5}, 9 / 15),
+        ("bert", {"sparsity": 0.5}, 1 / 2),
+        ("llama", {"topk": 3}, (1 + 2 + 3 + 3 + 3) / 15),
+        ("llama", {"threshold": 0.3}, None),  # SeerAttention's tau, on the gate's probabilities
+    ],
+    ids=["llama-sparsity", "bert-sparsity", "llama-topk", "llama-threshold"],
+)
+def test_gate_selection_runs_the_block_sparse_kernel(arch, rule, density, monkeypatch, caplog):
+    """Fresh random gates: each layer's output is block-sparse attention (the reference) over the selection that the
+    rule makes from the gate's probabilities, and the realised density is those selections' count. No sink block, so
+    that most rows have a choice to make."""
+    reference, model = model_pair(arch)
+    rule = {**rule, "sink_blocks": 0, "local_blocks": 1}
+    hf_fastattn.patch(model, "seer", block_size=BLOCK, gate_dim=GATE_DIM, **rule)
+    spy = Spy(monkeypatch)
+    seq = 80 if arch == "llama" else 64
+    ids, mask = prompt(seq=seq, pad=20)
+    got = output(model, ids, mask)
+    spy.assert_sparse_kernel_ran(LAYERS)
+    assert spy.target == [] and spy.dense == [] and warnings_of(caplog) == []
+    causal = arch == "llama"
+    selected, visible = check_sparse_calls(spy, causal=causal, **rule)
+    if density is not None:
+        assert selected / visible == pytest.approx(density)
+    layer_stats = statistics(model)
+    assert sum(s["blocks"]["selected"] for s in layer_stats) == selected
+    assert sum(s["blocks"]["visible"] for s in layer_stats) == visible
+    assert all(0.0 < density < 1.0 for density in densities(model))
+    # The gate really chooses: its selections differ between KV heads, and the output is not eager's.
+    masks = torch.stack([selection_mask(call["args"][0]) for call in spy.sparse])  # (layers, B, H_kv, NQ, NK)
+    assert any(not torch.equal(masks[:, :, head], masks[:, :, 0]) for head in range(1, masks.shape[2]))
+    valid = valid_positions(ids, mask)
+    assert (got[valid] - output(reference, ids, mask)[valid]).abs().max() > 1e-3
+
+
+def test_oracle_selects_from_the_ground_truth(monkeypatch, caplog):
+    """``mode="oracle"``: the ground-truth kernel runs first and the selection is the sparsity rule applied to its
+    normalised (GQA max-pooled) block map, recomputed here by the reference on the recorded q/k/v."""
+    _, model = model_pair()
+    rule = {"sparsity": 0.5, "sink_blocks": 0, "local_blocks": 1}
+    hf_fastattn.patch(model, "seer", mode="oracle", block_size=BLOCK, gate_dim=GATE_DIM, **rule)
+    spy = Spy(monkeypatch)
+    ids, mask = prompt(seq=64, pad=11)
+    output(model, ids, mask)
+    spy.assert_sparse_kernel_ran(LAYERS)
+    assert len(spy.target) == LAYERS and spy.gate == [] and warnings_of(caplog) == []
+    assert spy.launches.count(seer_attention._block_target_kernel) == LAYERS
+    for target_call, sparse_call in zip(spy.target, spy.sparse):
+        for name in ("q", "k", "v"):
+            assert sparse_call[name] is target_call[name]
+        kwargs = sparse_call["kwargs"]
+        out, target = attention_with_block_target_reference(
+            sparse_call["q"], sparse_call["k"], sparse_call["v"], causal=True, scale=kwargs["scale"],
+            key_padding=kwargs["key_padding"], block_size=BLOCK,
+        )  # fmt: skip
+        torch.testing.assert_close(target_call["out"][1], target, **KERNEL_TOL)  # the kernel's own target
+        torch.testing.assert_close(target_call["out"][0], out, **KERNEL_TOL)
+        expected = select_blocks(
+            normalise_target(target, sparse_call["k"].shape[1]), seq_q=64, seq_k=64, causal=True, block_size=BLOCK,
+            **rule,
+        )  # fmt: skip
+        (selection,) = sparse_call["args"]
+        assert torch.equal(selection_mask(selection), expected)
+        reference_out = block_sparse_attention_reference(
+            sparse_call["q"], sparse_call["k"], sparse_call["v"], expected, causal=True, scale=kwargs["scale"],
+            key_padding=kwargs["key_padding"], block_size=BLOCK,
+        )  # fmt: skip
+        torch.testing.assert_close(sparse_call["out"], reference_out, **KERNEL_TOL)
+    assert all(density < 1.0 for density in densities(model))
+
+
+def test_gate_scores_pooled_pre_rope_queries_and_keys(monkeypatch):
+    """The attention function gets rotated q/k; the gate must score the block pools of the projections before RoPE
+    (the pool kernel undoes RoPE at the call's position ids, shifted for the left-padded row as ``generate`` passes
+    them): compared here with the reference pools of the q_proj / k_proj outputs, padding excluded."""
+    _, model = model_pair()
+    hf_fastattn.patch(model, "seer", sparsity=0.5, block_size=BLOCK, gate_dim=GATE_DIM)
+    spy = Spy(monkeypatch)
+    projections = []
+    heads, kv_heads, head_dim = LLAMA.num_attention_heads, LLAMA.num_key_value_heads, 16
+    for layer in model.model.layers:
+        for name, count in (("q_proj", heads), ("k_proj", kv_heads)):
+            getattr(layer.self_attn, name).register_forward_hook(
+                lambda module, args, out, _n=name, _c=count: projections.append(
+                    (_n, out.view(out.shape[0], out.shape[1], _c, head_dim).transpose(1, 2))
+                )
+            )
+    ids, mask = prompt(seq=56, pad=21)  # 4 blocks, the last one partial; row 1 starts with a fully padded block
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    output(model, ids, mask, position_ids=position_ids)
+    assert len(spy.gate) == LAYERS and len(projections) == 2 * LAYERS
+    assert [call["kwargs"].get("extremes", False) for call in spy.pool] == [False, True] * LAYERS  # the kernel ran
+    for layer, gate in enumerate(spy.gate):
+        (q_name, q_proj), (k_name, k_proj) = projections[2 * layer : 2 * layer + 2]
+        assert (q_name, k_name) == ("q_proj", "k_proj")
+        (query_average,) = pool_blocks_reference(q_proj, BLOCK, valid=mask)
+        key_pools = pool_blocks_reference(k_proj, BLOCK, valid=mask, extremes=True)
+        torch.testing.assert_close(gate["query"], query_average, atol=1e-5, rtol=1e-5)
+        assert len(gate["key"]) == 3
+        for got, expected in zip(gate["key"], key_pools):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        # Pooling what the attention function received (rotated) would give something else.
+        sparse_call = spy.sparse[layer]
+        assert (pool_blocks_reference(sparse_call["q"], BLOCK, valid=mask)[0] - query_average).abs().max() > 1e-2
+        assert (pool_blocks_reference(sparse_call["k"], BLOCK, valid=mask)[0] - key_pools[0]).abs().max() > 1e-2
+        assert gate["seq"] == 56 and gate["causal"] is True
+        assert torch.equal(gate["key_padding"].bool(), mask.bool())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Cached prefixes: chunked prefill on the dense kernel, decode on the shared decode kernels
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_chunked_prefill_runs_the_dense_kernel(monkeypatch, caplog):
+    """A 40-token prefill gates; a 24-token chunk after it (S_q != S_kv, too long for decode) runs the dense kernel
+    and is not counted. At sparsity 0 both chunks are eager's full forward."""
+    reference, model = model_pair()
+    hf_fastattn.patch(model, "seer", sparsity=0.0, block_size=BLOCK, gate_dim=GATE_DIM)
+    spy = Spy(monkeypatch)
+    ids, _ = prompt(seq=64)
+    cache = DynamicCache(config=model.config)
+    first = output(model, ids[:, :40], None, past_key_values=cache, use_cache=True)
+    counts = statistics(model)
+    second = output(model, ids[:, 40:], None, past_key_values=cache, use_cache=True)
+    assert [call["q"].shape[2] for call in spy.sparse] == [40] * LAYERS
+    assert [(call["q"].shape[2], call["k"].shape[2]) for call in spy.dense] == [(24, 64)] * LAYERS
+    assert spy.decode == [] and spy.fallbacks == 0 and warnings_of(caplog) == []
+    assert statistics(model) == counts  # the chunk did not gate
+    full = output(reference, ids, None)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), full, **TOL)
+
+
+def test_greedy_generate_matches_eager(monkeypatch, caplog):
+    """Left-padded batch, DynamicCache: the prefill runs the block-sparse kernel, each single-token step the shared
+    decode kernels; at sparsity 0 the tokens and step logits are eager's."""
+    reference, model = model_pair()
+    hf_fastattn.patch(model, "seer", sparsity=0.0, block_size=BLOCK, gate_dim=GATE_DIM)
+    ids, mask = prompt(seq=36, pad=7, seed=3)
+    spy = Spy(monkeypatch)
+    new = 5
+    kwargs = {
+        "input_ids": ids, "attention_mask": mask, "max_new_tokens": new, "min_new_tokens": new, "do_sample": False,
+        "pad_token_id": PAD_ID, "return_dict_in_generate": True, "output_logits": True,
+    }  # fmt: skip
+    with torch.no_grad():
+        actual = model.generate(**kwargs, past_key_values=DynamicCache(config=model.config))
+        expected = reference.generate(**kwargs, past_key_values=DynamicCache(config=reference.config))
+    assert [call["q"].shape[2] for call in spy.sparse] == [36] * LAYERS
+    assert spy.decode == [1] * (LAYERS * (new - 1)) and spy.dense == [] and spy.fallbacks == 0
+    assert torch.equal(actual.sequences, expected.sequences)
+    assert len(set(actual.sequences[:, 36:].flatten().tolist())) > 1, "degenerate model: the test would prove little"
+    torch.testing.assert_close(torch.stack(actual.logits, 1), torch.stack(expected.logits, 1), **TOL)
+    assert densities(model) == [1.0] * LAYERS and warnings_of(caplog) == []
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"sparsty": 0.5}, r"unknown fastattn_seer setting\(s\) \['sparsty'\]"),
+        ({"sparsity": 0.5, "topk": 2}, r"choose one fastattn_seer selection rule, got \['sparsity', 'topk'\]"),
+        ({"topk": 2, "threshold": 1e-3}, r"choose one fastattn_seer selection rule, got \['topk', 'threshold'\]"),
+        ({"mode": "exact"}, r"fastattn_seer mode must be one of \('gate', 'oracle'\), got 'exact'"),
+        ({"sparsity": 1.0}, r"sparsity must be in \[0, 1\), got 1.0"),
+        ({"sparsity": -0.1}, r"sparsity must be in \[0, 1\), got -0.1"),
+        ({"gate_dim": 15}, "gate_dim must be even"),
+    ],
+    ids=["unknown", "sparsity+topk", "topk+threshold", "mode", "sparsity-1", "sparsity-negative", "odd-gate-dim"],
+)
+def test_bad_configuration_is_refused_at_patch_time(config, message):
+    _, model = model_pair()
+    with pytest.raises(ValueError, match=message):
+        hf_fastattn.patch(model, "seer", block_size=BLOCK, **config)
+    assert model.config._attn_implementation == "sdpa" and hf_fastattn.layer_states(model) == []
+
+
+def test_bad_per_layer_configuration_is_refused():
+    _, model = model_pair()
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\), got 2.0"):
+        hf_fastattn.patch(model, "seer", sparsity=0.5, layers={1: ("seer", {"sparsity": 2.0})})
+    assert hf_fastattn.layer_states(model) == []
+
+
+def test_registered_name_without_patch_needs_gates():
+    """``attn_implementation="fastattn_seer"`` without ``patch`` has no gates: an error, not dense in disguise."""
+    _, model = model_pair(implementation="fastattn_seer")
+    with pytest.raises(ValueError, match=r"fastattn_seer needs per-layer gates.*patch\(model, 'seer', gates=\.\.\.\)"):
+        output(model, *prompt(seq=20))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Gate artifacts
+# --------------------------------------------------------------------------------------------------------------------
+
+RULE = {"sparsity": 0.5, "sink_blocks": 0}
+
+
+@pytest.fixture
+def gate_artifact(tmp_path):
+    """A model patched with randomly perturbed gates (block 16, gate_dim 16) and its saved artifact."""
+    _, model = model_pair()
+    hf_fastattn.patch(model, "seer", block_size=BLOCK, gate_dim=GATE_DIM, **RULE)
+    randomise_gates(model)
+    directory = hf_fastattn.save_state(model, tmp_path / "gates", metadata={"seer_gate_version": 1})
+    return model, directory
+
+
+def test_gates_load_through_patch(gate_artifact):
+    model, directory = gate_artifact
+    _, other = model_pair(seed=5)  # other base weights: the artifact checks shapes only
+    hf_fastattn.patch(other, "seer", gates=str(directory), **RULE)
+    expected, loaded = gate_tensors(model), gate_tensors(other)
+    assert expected.keys() == loaded.keys() and len(loaded) == 2 * LAYERS
+    for name in expected:
+        assert torch.equal(loaded[name], expected[name]), name
+    for state in hf_fastattn.layer_states(other):
+        # block_size and gate_dim come from the artifact (not the 64 / 128 defaults); "gates" is not kept.
+        assert state.config == {"block_size": BLOCK, "gate_dim": GATE_DIM, "mode": "gate", "local_blocks": 1, **RULE}
+    # Same gates and base weights: the same selections, the same logits.
+    _, same = model_pair()
+    hf_fastattn.patch(same, "seer", gates=directory, **RULE)
+    ids, mask = prompt(seq=48, pad=9)
+    torch.testing.assert_close(output(same, ids, mask), output(model, ids, mask), atol=0, rtol=0)
+
+
+def test_gates_round_trip_through_load_state(gate_artifact):
+    model, directory = gate_artifact
+    _, other = model_pair()
+    hf_fastattn.load_state(other, directory)
+    assert [state.config for state in hf_fastattn.layer_states(other)] == [
+        state.config for state in hf_fastattn.layer_states(model)
+    ]
+    loaded, expected = gate_tensors(other), gate_tensors(model)
+    assert all(torch.equal(loaded[name], expected[name]) for name in expected)
+    ids, mask = prompt(seq=48, pad=9)
+    torch.testing.assert_close(output(other, ids, mask), output(model, ids, mask), atol=0, rtol=0)
+
+
+def _rewrite_config(directory, edit):
+    path = directory / CONFIG_NAME
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("version-2", "gate format version 2; this hf_fastattn reads version 1"),
+        ("version-missing", "gate format version None"),
+        ("corrupt-tensors", "cannot be read"),
+        ("missing-tensors", "is missing: not an hf_fastattn artifact directory"),
+        ("no-seer-layers", "holds no SeerAttention gates"),
+    ],
+)
+def test_damaged_or_foreign_artifact_is_refused(gate_artifact, damage, message):
+    _, directory = gate_artifact
+    if damage == "version-2":
+        _rewrite_config(directory, lambda config: config["metadata"].update(seer_gate_version=2))
+    elif damage == "version-missing":
+        _rewrite_config(directory, lambda config: config["metadata"].clear())
+    elif damage == "corrupt-tensors":
+        data = (directory / TENSORS_NAME).read_bytes()
+        (directory / TENSORS_NAME).write_bytes(data[: len(data) // 2])
+    elif damage == "missing-tensors":
+        (directory / TENSORS_NAME).unlink()
+    else:
+        _rewrite_config(directory, lambda config: [layer.update(method="dense") for layer in config["layers"]])
+    _, other = model_pair()
+    hf_fastattn.patch(other, "dense")
+    with pytest.raises(ArtifactError, match=message):
+        hf_fastattn.patch(other, "seer", gates=directory)
+    # The failed patch left the model as it was.
+    assert [state.method for state in hf_fastattn.layer_states(other)] == ["dense"] * LAYERS
+    assert other.config._attn_implementation == "fastattn_dense"
+
+
+@pytest.mark.parametrize(
+    ("requested", "message"),
+    [
+        ({"block_size": 32}, "the gates were trained with block_size=16, but block_size=32 was requested"),
+        ({"gate_dim": 32}, "the gates were trained with gate_dim=16, but gate_dim=32 was requested"),
+    ],
+)
+def test_requested_geometry_must_match_the_gates(gate_artifact, requested, message):
+    _, directory = gate_artifact
+    _, other = model_pair()
+    with pytest.raises(ArtifactError, match=message):
+        hf_fastattn.patch(other, "seer", gates=directory, **requested)
+    assert hf_fastattn.layer_states(other) == [] and other.config._attn_implementation == "sdpa"
+    hf_fastattn.patch(other, "seer", gates=directory, block_size=BLOCK, gate_dim=GATE_DIM)  # the same values are fine
+
+
+def test_gates_of_another_model_shape_are_refused(gate_artifact):
+    _, directory = gate_artifact
+    config = copy.deepcopy(LLAMA)
+    config.num_hidden_layers = 3
+    bigger = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    with pytest.raises(ArtifactError, match=r"different model: fields \['attention_layers', 'num_hidden_layers'\]"):
+        hf_fastattn.patch(bigger, "seer", gates=directory)
+    with pytest.raises(ArtifactError, match="different model"):
+        hf_fastattn.load_state(bigger, directory)
+    assert hf_fastattn.layer_states(bigger) == []
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Gradients: forward-only kernels, SDPA fallback
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_gradients_fall_back_to_sdpa_with_one_warning(monkeypatch, caplog):
+    """A call that needs gradients through attention runs SDPA (dense: eager's answer), warning once; without
+    gradients the block-sparse kernel runs again, silently."""
+    reference, model = model_pair()
+    hf_fastattn.patch(model, "seer", sparsity=0.5, block_size=BLOCK, gate_dim=GATE_DIM)
+    spy = Spy(monkeypatch)
+    ids, mask = prompt(seq=48, pad=9)
+    valid = mask.bool()
+    for _ in range(2):
+        out = model(input_ids=ids, attention_mask=mask).logits
+        assert out.requires_grad
+        torch.testing.assert_close(out.detach()[valid], output(reference, ids, mask)[valid], **TOL)
+    out[valid].sum().backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+    [message] = warnings_of(caplog)
+    assert "fastattn_seer" in message and "backward pass" in message and "sdpa" in message
+    assert spy.fallbacks == 2 * LAYERS and spy.sparse == [] and spy.gate == []
+    assert densities(model) == [None] * LAYERS  # SeerAttention never ran
+    output(model, ids, mask)
+    assert len(warnings_of(caplog)) == 1 and len(spy.sparse) == LAYERS
+    assert all(density < 1.0 for density in densities(model))
