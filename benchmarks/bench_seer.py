@@ -3,7 +3,7 @@ dense kernel, plus the gate's cost, in one run.
 
 Shapes: Llama-3.1-8B attention (32 query heads, 8 KV heads, d128, bf16, batch 1), N = 8k/32k/64k, causal and
 bidirectional. Block masks: 64 x 64 blocks, one mask per KV head (shared by its GQA group), built on the device by
-``select_blocks(scores, sparsity=s)`` (attention sink and diagonal always kept, each row keeps
+``select_block_lists(scores, sparsity=s)`` (attention sink and diagonal always kept, each row keeps
 ``ceil((1 - s) * visible)`` blocks) from two kinds of block scores:
 
 * ``random``: i.i.d. uniform scores, so the kept blocks are scattered;
@@ -21,8 +21,8 @@ Every row reports the realised density (``selection_density``); the sparsity it 
 Gate: fastattn_seer's own per-layer pipeline, nothing inlined. ``hf_fastattn.methods.seer.gate_log_probs`` with an
 ``AttnGate`` as ``patch(model, "seer")`` builds it (fp32 weights, RoPE at block positions) and Llama-3.1's
 ``LlamaRotaryEmbedding``: cos/sin at the sequence's positions, the fused Triton pooling that undoes RoPE while pooling
-Q (average) and K (average, max, min), and the gate's scores. Then the method's selection: ``exp`` + ``select_blocks``
-+ ``selection_from_mask``. Timed separately (gate; selection per sparsity), as one measured pipeline gate ->
+Q (average) and K (average, max, min), and the gate's scores. Then the method's selection kernel
+(``select_block_lists``). Timed separately (gate; selection per sparsity), as one measured pipeline gate ->
 selection -> our block-sparse kernel, and added to each row's end-to-end time.
 
 Timing: ``triton.testing.do_bench`` medians (p20/p80 kept) after warm-up calls (our autotuning, flex's compile).
@@ -85,9 +85,8 @@ from hf_fastattn.ops.seer import (
     BlockSelection,
     block_sparse_attention,
     block_sparse_attention_reference,
-    select_blocks,
+    select_block_lists,
     selection_density,
-    selection_from_mask,
     selection_mask,
     to_block_mask,
 )
@@ -204,8 +203,8 @@ def block_scores(kind: str, setup: Setup, seqlen: int, generator: torch.Generato
 
 
 def make_selection(scores: torch.Tensor, sparsity: float, seqlen: int, causal: bool, block: int) -> BlockSelection:
-    mask = select_blocks(scores, seq_q=seqlen, seq_k=seqlen, causal=causal, block_size=block, sparsity=sparsity)
-    return selection_from_mask(mask, seq_q=seqlen, seq_k=seqlen, causal=causal, block_size=block)
+    """The selection kernel fastattn_seer runs (the same result as ``select_blocks`` + ``selection_from_mask``)."""
+    return select_block_lists(scores, seq_q=seqlen, seq_k=seqlen, causal=causal, block_size=block, sparsity=sparsity)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -234,8 +233,8 @@ def library_gate(setup: Setup) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 def gate_selection(log_probs: torch.Tensor, sparsity: float, seqlen: int, causal: bool, block: int) -> BlockSelection:
-    """fastattn_seer's selection from the gate: probabilities, ``select_blocks``, ``selection_from_mask``."""
-    return make_selection(log_probs.exp(), sparsity, seqlen, causal, block)
+    """fastattn_seer's selection from the gate: its log-probabilities rank the blocks directly."""
+    return make_selection(log_probs, sparsity, seqlen, causal, block)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -465,7 +464,7 @@ def dry_reference_check(q, k, v, selection, setup, n, causal) -> float:
 def gate_section(group: Group, setup: Setup, q, k, v, report: dict) -> dict:
     """fastattn_seer's per-layer gating on the (rotated) ``q``/``k`` its attention function receives: ``gate`` =
     ``gate_log_probs`` (cos/sin from the rotary embedding, the fused pooling + un-rotation kernel, AttnGate); per
-    sparsity ``selection`` (exp + ``select_blocks`` + ``selection_from_mask``) and ``pipeline`` = gate -> selection
+    sparsity ``selection`` (``select_block_lists``) and ``pipeline`` = gate -> selection
     -> our block-sparse kernel, measured as one call."""
     from hf_fastattn.methods.seer import gate_log_probs
 
@@ -693,8 +692,8 @@ def render_markdown(report: dict) -> str:
             f"batch 1, {setup['block']}x{setup['block']} blocks, one mask per KV head. ms: do_bench median. "
             "realised sparsity = 1 - selection_density (fraction of visible blocks skipped). vs X = X ms / ours ms "
             "(> 1: ours faster). eff. TFLOP/s = dense-equivalent FLOPs (4·H·N²·d, halved when causal) / ours time; "
-            "realised TFLOP/s = FLOPs of the computed blocks / ours time. sel. ms = select_blocks + "
-            "selection_from_mask on the row's scores; e2e = gate + sel. + ours. diff vs flex = max |ours - flex| "
+            "realised TFLOP/s = FLOPs of the computed blocks / ours time. sel. ms = the selection kernel "
+            "(select_block_lists) on the row's scores; e2e = gate + sel. + ours. diff vs flex = max |ours - flex| "
             f"(flagged above {MAX_FLEX_DIFF}). Flex: {', '.join(report['flex_configs'])} (best shown)."
         ),
         "",
