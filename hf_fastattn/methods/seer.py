@@ -57,6 +57,7 @@ from ..ops.seer import (
     selection_mask,
     visible_blocks,
 )
+from ..ops.seer.naive import rotate_half
 from ..state import LayerState
 
 GATE_FORMAT_VERSION = 1
@@ -137,18 +138,13 @@ class AttnGate(nn.Module):
         return torch.log_softmax(scores, dim=-1), valid
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
-
-
 def _rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """RoPE (rotate-half convention, as Llama) at ``positions`` in ``x``'s last dimension."""
     dim = x.shape[-1]
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim))
     angles = positions.float()[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)
-    return x * angles.cos().to(x.dtype) + _rotate_half(x) * angles.sin().to(x.dtype)
+    return x * angles.cos().to(x.dtype) + rotate_half(x) * angles.sin().to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -27,6 +27,17 @@ def visible_keys(
     return keep
 
 
+def masked_softmax(scores: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(probs, lse)`` over the last dim with only ``keep`` visible; rows with nothing visible give zero
+    probabilities and ``lse = -inf``, without NaN in values or gradients."""
+    empty = ~keep.any(dim=-1)
+    # Empty rows get finite scores for the LSE, then zero probabilities.
+    scores = scores.masked_fill(~keep, float("-inf")).masked_fill(empty[..., None], 0.0)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None]).masked_fill(~keep, 0.0)
+    return probs, lse.masked_fill(empty, float("-inf"))
+
+
 def dense_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -58,13 +69,7 @@ def dense_attention_reference(
             lse = torch.logsumexp(scores, dim=-1)
             probs = torch.exp(scores - lse[..., None])
         else:
-            keep = keep.expand_as(scores)
-            empty = ~keep.any(dim=-1)
-            # Empty rows get finite scores for the LSE, then zero probabilities: no NaN in values or gradients.
-            scores = scores.masked_fill(~keep, float("-inf")).masked_fill(empty[..., None], 0.0)
-            lse = torch.logsumexp(scores, dim=-1)
-            probs = torch.exp(scores - lse[..., None]).masked_fill(~keep, 0.0)
-            lse = lse.masked_fill(empty, float("-inf"))
+            probs, lse = masked_softmax(scores, keep.expand_as(scores))
         outs.append(torch.matmul(probs, v4))
         lses.append(lse)
 

@@ -88,6 +88,36 @@ def always_kept_blocks(
     return ((key_block < sink_blocks) | local) & visible
 
 
+def check_selection_rule(threshold: float | None, topk: int | None, sparsity: float | None) -> None:
+    """Exactly one rule, with a valid value; raises ValueError."""
+    rules = [
+        name for name, value in (("threshold", threshold), ("topk", topk), ("sparsity", sparsity)) if value is not None
+    ]
+    if len(rules) != 1:
+        raise ValueError(f"choose exactly one of threshold, topk or sparsity (got {rules or 'none'})")
+    if topk is not None and topk < 0:
+        raise ValueError(f"topk must be >= 0, got {topk}")
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+
+
+def row_budgets(
+    seq_q: int, seq_k: int, *, causal: bool, block_size: int, topk: int | None = None, sparsity: float | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:  # fmt: skip
+    """Blocks each query block keeps under the ``topk`` or ``sparsity`` rule, ``(NQ,)`` int32 (cached, read-only)."""
+    return _row_budgets(seq_q, seq_k, causal, block_size, topk, sparsity, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=64)
+def _row_budgets(seq_q, seq_k, causal, block_size, topk, sparsity, device) -> torch.Tensor:
+    visible, _ = visible_blocks(seq_q, seq_k, causal=causal, block_size=block_size, device=device)
+    if topk is not None:
+        return torch.full(visible.shape[:1], topk, dtype=torch.int32, device=device)
+    # float64: in float32 the product can land an ulp (> 1e-6) above an integer (0.72 * 75) and keep one more.
+    return torch.ceil((1.0 - sparsity) * visible.sum(-1).double() - 1e-6).to(torch.int32)
+
+
 def select_blocks(
     scores: torch.Tensor,
     *,
@@ -108,11 +138,7 @@ def select_blocks(
     or long, drops about the same fraction). The sink and local blocks are always kept and count towards a row's
     budget; invisible blocks are never selected.
     """
-    rules = [
-        name for name, value in (("threshold", threshold), ("topk", topk), ("sparsity", sparsity)) if value is not None
-    ]
-    if len(rules) != 1:
-        raise ValueError(f"choose exactly one of threshold, topk or sparsity (got {rules or 'none'})")
+    check_selection_rule(threshold, topk, sparsity)
     device = scores.device
     visible, _ = visible_blocks(seq_q, seq_k, causal=causal, block_size=block_size, device=device)
     if scores.shape[-2:] != visible.shape:
@@ -123,15 +149,10 @@ def select_blocks(
     )  # fmt: skip
     if threshold is not None:
         return ((scores > threshold) | forced) & visible
-    if topk is not None:
-        if topk < 0:
-            raise ValueError(f"topk must be >= 0, got {topk}")
-        budget = torch.full(visible.shape[:1], float(topk), device=device)[:, None]
-    else:
-        if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-        # float64: in float32 the product can land an ulp (> 1e-6) above an integer (0.72 * 75) and keep one more.
-        budget = torch.ceil((1.0 - sparsity) * visible.sum(-1, keepdim=True).double() - 1e-6)
+    budget = row_budgets(
+        seq_q, seq_k, causal=causal, block_size=block_size, topk=topk, sparsity=sparsity, device=device
+    )
+    budget = budget[:, None]
     ranked = scores.float().masked_fill(~visible, float("-inf")).masked_fill(forced, float("inf"))
     order = ranked.argsort(dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=device).expand_as(order))

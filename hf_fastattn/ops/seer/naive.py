@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dense.naive import CHUNK_ELEMENTS, visible_keys
+from ..dense.naive import CHUNK_ELEMENTS, masked_softmax, visible_keys
 
 
 def _query_chunks(batch: int, heads: int, seq_q: int, seq_k: int, block_size: int):
@@ -25,15 +25,6 @@ def _scores(q, k, start, stop, causal, key_padding, scale):
     scores = torch.matmul(q5, k.float()[:, :, None].transpose(-1, -2)) * scale
     keep = visible_keys(torch.arange(start, stop, device=q.device), seq_q, seq_k, causal, key_padding)
     return scores, keep
-
-
-def _softmax(scores, keep):
-    """Probabilities with invisible keys at 0 and all-zero rows where nothing is visible; and the row LSE."""
-    empty = ~keep.any(dim=-1)
-    scores = scores.masked_fill(~keep, float("-inf")).masked_fill(empty[..., None], 0.0)
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None]).masked_fill(~keep, 0.0)
-    return probs, lse.masked_fill(empty, float("-inf"))
 
 
 def _expand_heads(per_head: torch.Tensor, num_q_heads: int, num_kv_heads: int) -> torch.Tensor:
@@ -66,7 +57,7 @@ def block_sparse_attention_reference(
         row_block = torch.arange(start, stop, device=q.device) // block_size
         selected = blocks[:, :, :, row_block][..., key_block]  # (B, H_kv, G, rows, S_kv)
         keep = selected if keep is None else selected & keep
-        probs, lse = _softmax(scores, keep.expand_as(scores))
+        probs, lse = masked_softmax(scores, keep.expand_as(scores))
         outs.append(torch.matmul(probs, v.float()[:, :, None]))
         lses.append(lse)
     out = torch.cat(outs, dim=3).reshape(batch, num_q_heads, seq_q, head_dim).to(q.dtype)
@@ -92,7 +83,7 @@ def attention_with_block_target_reference(
     for start, stop in _query_chunks(batch, num_q_heads, seq_q, seq_k, block_size):
         scores, keep = _scores(q, k, start, stop, causal, key_padding, scale)
         keep = torch.ones_like(scores, dtype=torch.bool) if keep is None else keep.expand_as(scores)
-        probs, _ = _softmax(scores, keep)
+        probs, _ = masked_softmax(scores, keep)
         outs.append(torch.matmul(probs, v.float()[:, :, None]))
         rows = stop - start
         padded = torch.nn.functional.pad(probs, (0, nk * block_size - seq_k, 0, -rows % block_size))
@@ -103,7 +94,8 @@ def attention_with_block_target_reference(
     return out, target
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """RoPE's rotate-half convention (as Llama): ``(x1, x2) -> (-x2, x1)`` over the last dimension's halves."""
     first, second = x.chunk(2, dim=-1)
     return torch.cat([-second, first], dim=-1)
 
@@ -122,7 +114,7 @@ def pool_blocks_reference(
     x = x.float()
     if cos is not None:
         cos, sin = cos[:, None].float(), sin[:, None].float()
-        x = (x * cos - _rotate_half(x) * sin) / (cos * cos + sin * sin)
+        x = (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
     blocks = -(-seq // block_size)
     padded = torch.nn.functional.pad(x, (0, 0, 0, blocks * block_size - seq)).view(
         batch, heads, blocks, block_size, dim

@@ -14,7 +14,6 @@ selection launch-bound. One program per (batch, mask head, query block) row:
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -22,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import check_tile_size, next_power_of_2
-from .blocks import BlockSelection, num_blocks, visible_blocks
+from .blocks import BlockSelection, check_selection_rule, num_blocks, row_budgets
 
 
 @triton.jit
@@ -101,13 +100,6 @@ def _select_kernel(
     _write_list(PARTIAL_INDEX, PARTIAL_COUNT, row * num_key_blocks, row, keep & ~full, in_range, blocks)
 
 
-@functools.lru_cache(maxsize=64)
-def _row_budgets(seq_q: int, seq_k: int, causal: bool, block_size: int, sparsity: float, device: str) -> torch.Tensor:
-    """``ceil((1 - sparsity) * visible)`` per query block, as ``select_blocks`` computes it (float64)."""
-    visible, _ = visible_blocks(seq_q, seq_k, causal=causal, block_size=block_size, device=device)
-    return torch.ceil((1.0 - sparsity) * visible.sum(-1).double() - 1e-6).to(torch.int32)
-
-
 def select_block_lists(
     scores: torch.Tensor,
     *,
@@ -126,24 +118,16 @@ def select_block_lists(
     ``scores`` ``(B, H, NQ, NK)`` ranks blocks (probabilities, log-probabilities or a ground-truth map: any monotone
     score; ``threshold`` is in the same units).
     """
-    rules = [
-        name for name, value in (("threshold", threshold), ("topk", topk), ("sparsity", sparsity)) if value is not None
-    ]
-    if len(rules) != 1:
-        raise ValueError(f"choose exactly one of threshold, topk or sparsity (got {rules or 'none'})")
+    check_selection_rule(threshold, topk, sparsity)
     check_tile_size("block_size", block_size)
     batch, heads, nq, nk = scores.shape
     if (nq, nk) != (num_blocks(seq_q, block_size), num_blocks(seq_k, block_size)):
         raise ValueError(f"block scores end in {(nq, nk)}, expected (NQ, NK) for S_q={seq_q}, S_kv={seq_k}")
     device = scores.device
-    if topk is not None:
-        if topk < 0:
-            raise ValueError(f"topk must be >= 0, got {topk}")
-        budget = torch.full((nq,), min(topk, nk), dtype=torch.int32, device=device)
-    elif sparsity is not None:
-        if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-        budget = _row_budgets(seq_q, seq_k, causal, block_size, float(sparsity), str(device))
+    if threshold is None:
+        budget = row_budgets(
+            seq_q, seq_k, causal=causal, block_size=block_size, topk=topk, sparsity=sparsity, device=device
+        )
     else:
         budget = torch.empty(1, dtype=torch.int32, device=device)
     if scores.stride(-1) != 1:
