@@ -9,11 +9,12 @@ prompt spans three query tiles.
 from __future__ import annotations
 
 import copy
-import logging
 import math
 
 import pytest
 import torch
+from method_helpers import fresh_warnings, left_padded_prompt, warnings_of  # noqa: F401 (autouse fixture)
+from method_helpers import model_pair as shared_model_pair
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 import hf_fastattn
@@ -38,39 +39,12 @@ CONFIG = LlamaConfig(
 LAYERS, HEADS = CONFIG.num_hidden_layers, CONFIG.num_attention_heads
 
 
-@pytest.fixture(autouse=True)
-def fresh_warnings(caplog):
-    hf_fastattn.dispatch.reset_warnings()
-    caplog.set_level(logging.WARNING, logger="hf_fastattn")
-    yield
-    hf_fastattn.dispatch.reset_warnings()
-
-
-def warnings_of(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "hf_fastattn" and r.levelno >= logging.WARNING]
-
-
 def model_pair(implementation: str = "sdpa"):
-    """(eager reference, model to patch) with the same weights, each built from its own copy of the config."""
-    torch.manual_seed(0)
-    reference = AutoModelForCausalLM.from_config(copy.deepcopy(CONFIG), attn_implementation="eager").eval()
-    model = AutoModelForCausalLM.from_config(copy.deepcopy(CONFIG), attn_implementation=implementation).eval()
-    model.load_state_dict(reference.state_dict())
-    assert reference.config is not model.config
-    assert reference.config._attn_implementation == "eager"
-    assert model.config._attn_implementation == implementation
-    return reference, model
+    return shared_model_pair(CONFIG, AutoModelForCausalLM, implementation)
 
 
 def prompt(seq: int = 40, pad: int = 0, batch: int = 2, seed: int = 1):
-    """Random token ids; with ``pad``, row 1 is left-padded by ``pad`` tokens (else no mask at all)."""
-    ids = torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
-    if not pad:
-        return ids, None
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[1, :pad] = 0
-    ids[1, :pad] = PAD_ID
-    return ids, mask
+    return left_padded_prompt(VOCAB, PAD_ID, seq, pad, batch, seed)
 
 
 def logits(model, ids, mask, **kwargs):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import types
 
 import pytest
 import torch
 import torch.nn.functional as F
+from method_helpers import fresh_warnings, warnings_of  # noqa: F401 (autouse fixture)
 from torch import nn
 
 import hf_fastattn
@@ -33,18 +33,6 @@ class StubAttention(nn.Module):
         self.num_key_value_groups = num_key_value_groups
         self.scaling = None
         self.train(training)
-
-
-@pytest.fixture(autouse=True)
-def fresh_warnings(caplog):
-    dispatch.reset_warnings()
-    caplog.set_level(logging.WARNING, logger="hf_fastattn")
-    yield
-    dispatch.reset_warnings()
-
-
-def warnings_of(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "hf_fastattn" and r.levelno >= logging.WARNING]
 
 
 def qkv(batch=2, q_heads=2, kv_heads=2, seq_q=8, seq_k=8, head_dim=16, dtype=torch.float32, device=DEVICE, seed=0):
