@@ -8,23 +8,13 @@
 # the Debian text data under $HF_FASTATTN_CACHE/debian, and the SmolLM2 GGUF in $SMOLLM2_GGUF_DIR (converted once into
 # $HF_FASTATTN_CACHE).
 set -euo pipefail
-export HF_FASTATTN_CACHE=${HF_FASTATTN_CACHE:-/root/hfcache} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 work=${BSFA_WORK:-/root/bsfa}
 artifact=${BSFA_ARTIFACT:-$work/bsfa_smollm2_skip50}
 cli="python -m hf_fastattn.cli"
 bsfa_config="bsfa.thresholds=$artifact"
 mkdir -p "$work"
 
-python - <<'PY'
-import os, pathlib, time
-from hf_fastattn.assets import models
-from hf_fastattn.assets.cache import asset_dir
-cache = asset_dir("smollm2", "0.1.2")
-if not cache.exists():
-    start = time.time()
-    models._convert_smollm2(pathlib.Path(os.environ["SMOLLM2_GGUF_DIR"]), "SmolLM2-135M-Instruct.Q4_1.gguf", cache)
-    print(f"converted the GGUF in {time.time() - start:.1f} s", flush=True)
-PY
+. "$(dirname "$0")/smollm2_gpu_setup.sh"
 
 for step in "$@"; do
   case $step in
