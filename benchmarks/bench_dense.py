@@ -20,6 +20,7 @@ import functools
 import importlib.metadata
 import itertools
 import json
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -94,8 +95,22 @@ class Shape:
 # Providers: factory(shape) -> attention(q, k, v), all in HF layout (B, H, N, D). Set-up runs here, untimed.
 
 
-def make_fastattn_dense(shape: Shape) -> Attention:
-    return functools.partial(dense_attention, causal=shape.causal)
+def make_fastattn_dense(shape: Shape, **options) -> Attention:
+    return functools.partial(dense_attention, causal=shape.causal, **options)
+
+
+def make_fastattn_dense_without_tma(shape: Shape) -> Attention:
+    """Our kernel on its pre-Hopper path (pointer loads, no TMA or warp specialisation), as on an A100."""
+
+    def attend(q, k, v):
+        previous = os.environ.get("HF_FASTATTN_TMA")
+        os.environ["HF_FASTATTN_TMA"] = "0"
+        try:
+            return dense_attention(q, k, v, causal=shape.causal)
+        finally:
+            os.environ.pop("HF_FASTATTN_TMA") if previous is None else os.environ.update(HF_FASTATTN_TMA=previous)
+
+    return attend
 
 
 def make_sdpa(backend: SDPBackend, shape: Shape) -> Attention:
@@ -125,6 +140,9 @@ def make_flex(shape: Shape) -> Attention:
 
 PROVIDERS: dict[str, Callable[[Shape], Attention]] = {
     OURS: make_fastattn_dense,
+    f"{OURS}_no_tma": make_fastattn_dense_without_tma,
+    f"{OURS}_fast_exp_half": functools.partial(make_fastattn_dense, fast_exp="half"),
+    f"{OURS}_fast_exp_all": functools.partial(make_fastattn_dense, fast_exp="all"),
     "sdpa_flash": functools.partial(make_sdpa, SDPBackend.FLASH_ATTENTION),
     "sdpa_cudnn": functools.partial(make_sdpa, SDPBackend.CUDNN_ATTENTION),
     "flex": make_flex,

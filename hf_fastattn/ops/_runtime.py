@@ -40,6 +40,43 @@ def triton_supports(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def tma_usable(*tensors: torch.Tensor) -> bool:
+    """Whether kernels may read these tensors through TMA tensor descriptors.
+
+    ``HF_FASTATTN_TMA``: ``auto`` (default) uses TMA on CUDA GPUs of compute capability 9.0 (Hopper) and newer;
+    ``0`` never; ``1`` also in Triton's interpreter (tests). TMA needs 16-byte aligned base pointers and strides.
+    """
+    mode = os.environ.get("HF_FASTATTN_TMA", "auto")
+    if mode == "0":
+        return False
+    device = tensors[0].device
+    if interpreter_enabled():
+        wanted = mode == "1"
+    else:
+        wanted = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return wanted and all(_tma_aligned(t) for t in tensors)
+
+
+def _tma_aligned(t: torch.Tensor) -> bool:
+    size = t.element_size()
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
+
+
+def ensure_triton_allocator() -> None:
+    """Kernels that build TMA descriptors in-kernel need Triton's scratch allocator; set a torch-backed one unless the
+    caller already set theirs."""
+    import triton
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_torch_scratch)
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    device = "cpu" if interpreter_enabled() else "cuda"
+    return torch.empty(size, dtype=torch.int8, device=device)
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << (max(int(n), 1) - 1).bit_length()
 

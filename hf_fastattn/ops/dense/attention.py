@@ -9,7 +9,14 @@ from __future__ import annotations
 import torch
 import triton
 
-from .._runtime import autotune_enabled, interpreter_enabled, next_power_of_2, patch_interpreter_bf16
+from .._runtime import (
+    autotune_enabled,
+    ensure_triton_allocator,
+    interpreter_enabled,
+    next_power_of_2,
+    patch_interpreter_bf16,
+    tma_usable,
+)
 from .bwd import _bwd_preprocess_kernel, _dense_bwd_dkdv_kernel, _dense_bwd_dq_kernel
 from .fwd import _dense_fwd_kernel
 
@@ -26,25 +33,46 @@ if interpreter_enabled():
 _FWD_TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)]
 _DKDV_TILES = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2)]
 _DQ_TILES = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
+# TMA forward tiles (Hopper+) as (BLOCK_M, BLOCK_N, num_warps, num_stages, warp-specialised). Triton 3.6 warp-
+# specialises with one 4-warp group per 64 query rows; it cannot compile the half-MUFU fast exponential (FAST_EXP=1).
+_FWD_TMA_TILES = [
+    (128, 64, 8, 3, False), (128, 128, 8, 2, False), (128, 64, 4, 3, True), (128, 64, 4, 2, True),
+    (128, 128, 4, 2, True), (64, 64, 4, 3, False),
+]  # fmt: skip
 _LARGE_HEAD_DIM_MAX_TILE = 64 * 64  # BLOCK_M * BLOCK_N that still fits shared memory at head dim 256
 _AUTOTUNE_KEY = ["seq_k_bucket", "HEAD_DIM", "CAUSAL", "HAS_KEY_PADDING"]
+_FWD_AUTOTUNE_KEY = [*_AUTOTUNE_KEY, "USE_TMA", "FAST_EXP"]
 
 
 def _tiles_for(tiles, block_d: int):
     return tiles if block_d <= 128 else [t for t in tiles if t[0] * t[1] <= _LARGE_HEAD_DIM_MAX_TILE]
 
 
-def _autotuned(kernel, tiles):
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+def _tile_of(config) -> tuple:
+    tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+    return (*tile, config.kwargs["WARP_SPECIALIZE"]) if "WARP_SPECIALIZE" in config.kwargs else tile
+
+
+def _autotuned(kernel, tiles, key=_AUTOTUNE_KEY):
+    def config(m, n, warps, stages, *warp_specialize):
+        kwargs = {"BLOCK_M": m, "BLOCK_N": n}
+        if warp_specialize:
+            kwargs["WARP_SPECIALIZE"] = warp_specialize[0]
+        return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
     def prune(configs, named_args, **kwargs):
         allowed = _tiles_for(tiles, kwargs.get("BLOCK_D", named_args.get("BLOCK_D")))
-        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+        kept = [c for c in configs if _tile_of(c) in allowed]
+        if kwargs.get("FAST_EXP") == 1:
+            kept = [c for c in kept if not c.kwargs.get("WARP_SPECIALIZE")]
+        return kept
 
-    return triton.autotune(configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune})(kernel)
+    configs = [config(*tile) for tile in tiles]
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
-_fwd_tuned = _autotuned(_dense_fwd_kernel, _FWD_TILES)
+_fwd_tuned = _autotuned(_dense_fwd_kernel, _FWD_TILES, _FWD_AUTOTUNE_KEY)
+_fwd_tma_tuned = _autotuned(_dense_fwd_kernel, _FWD_TMA_TILES, _FWD_AUTOTUNE_KEY)
 _dkdv_tuned = _autotuned(_dense_bwd_dkdv_kernel, _DKDV_TILES)
 _dq_tuned = _autotuned(_dense_bwd_dq_kernel, _DQ_TILES)
 
@@ -53,12 +81,16 @@ def _launch(kernel, tuned, tiles, grid, *args, **meta):
     """Autotuned on a GPU (unless HF_FASTATTN_AUTOTUNE=0: the first fitting tile); the smallest tile when interpreted."""
     if interpreter_enabled():
         blocks = {"BLOCK_M": _INTERPRETER_BLOCK, "BLOCK_N": _INTERPRETER_BLOCK}
+        if len(tiles[0]) == 5:
+            blocks["WARP_SPECIALIZE"] = False
         kernel[grid(blocks)](*args, **meta, **blocks)
     elif autotune_enabled():
         tuned[grid](*args, **meta)
     else:
-        block_m, block_n, warps, stages = _tiles_for(tiles, meta["BLOCK_D"])[0]
+        block_m, block_n, warps, stages, *warp_specialize = _tiles_for(tiles, meta["BLOCK_D"])[0]
         blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+        if warp_specialize:
+            blocks["WARP_SPECIALIZE"] = warp_specialize[0]
         kernel[grid(blocks)](*args, **meta, **blocks, num_warps=warps, num_stages=stages)
 
 
@@ -80,20 +112,24 @@ def key_padding_arg(key_padding: torch.Tensor | None, like: torch.Tensor) -> tup
     return key_padding, key_padding.stride(0)
 
 
-def dense_fwd(q, k, v, key_padding, causal: bool, scale: float):
-    """Launch the forward kernel; returns ``out`` (same layout as HF's ``(B, S_q, H_q, D)`` buffer) and fp32 LSE."""
+def dense_fwd(q, k, v, key_padding, causal: bool, scale: float, fast_exp: int = 0):
+    """Launch the forward kernel; returns ``out`` (same layout as HF's ``(B, S_q, H_q, D)`` buffer) and fp32 LSE.
+    ``fast_exp`` is the kernel's ``FAST_EXP`` (see :func:`~hf_fastattn.ops.dense.fwd.softmax_exp2`)."""
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     batch, num_q_heads, seq_q, head_dim = q.shape
     num_kv_heads, seq_k = k.shape[1], k.shape[2]
     out = empty_hf_output(q)
     lse = torch.empty(batch, num_q_heads, seq_q, device=q.device, dtype=torch.float32)
     kpad, stride_kpad = key_padding_arg(key_padding, q)
+    use_tma = tma_usable(q, k, v, out)
+    if use_tma:
+        ensure_triton_allocator()
 
     def grid(meta):
         return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * num_q_heads)
 
     _launch(
-        _dense_fwd_kernel, _fwd_tuned, _FWD_TILES, grid,
+        _dense_fwd_kernel, _fwd_tma_tuned if use_tma else _fwd_tuned, _FWD_TMA_TILES if use_tma else _FWD_TILES, grid,
         q, k, v, kpad, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -103,6 +139,7 @@ def dense_fwd(q, k, v, key_padding, causal: bool, scale: float):
         num_q_heads, num_q_heads // num_kv_heads, seq_q, seq_k, scale,
         min(next_power_of_2(seq_k), 1 << 16),
         HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), CAUSAL=causal, HAS_KEY_PADDING=key_padding is not None,
+        USE_TMA=use_tma, FAST_EXP=fast_exp, **({} if use_tma else {"WARP_SPECIALIZE": False}),
     )  # fmt: skip
     return out, lse
 
@@ -157,13 +194,19 @@ def dense_bwd(dout, q, k, v, out, lse, key_padding, causal: bool, scale: float):
 
 @torch.library.custom_op("hf_fastattn::dense_fwd", mutates_args=())
 def _dense_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor | None, causal: bool, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    fast_exp: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return dense_fwd(q, k, v, key_padding, causal, scale)
+    return dense_fwd(q, k, v, key_padding, causal, scale, fast_exp)
 
 
 @_dense_fwd_op.register_fake
-def _(q, k, v, key_padding, causal, scale):
+def _(q, k, v, key_padding, causal, scale, fast_exp=0):
     batch, num_q_heads, seq_q, _ = q.shape
     return empty_hf_output(q), q.new_empty(batch, num_q_heads, seq_q, dtype=torch.float32)
 
@@ -189,7 +232,7 @@ def _(dout, q, k, v, out, lse, key_padding, causal, scale):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding, causal, scale = inputs
+    q, k, v, key_padding, causal, scale, _ = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_padding)
     ctx.causal, ctx.scale = causal, scale
@@ -197,11 +240,23 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, key_padding = ctx.saved_tensors
+    # The backward recomputes P with the exact exponential, also after a fast-exp forward.
     dq, dk, dv = _dense_bwd_op(dout, q, k, v, out, lse, key_padding, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, None
 
 
 _dense_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# fast_exp settings -> the kernels' FAST_EXP: off; half of each tile's exponentials on the FMA units; all of them.
+FAST_EXP_MODES = {False: 0, "off": 0, True: 1, "half": 1, "all": 2}
+
+
+def fast_exp_mode(setting: bool | str) -> int:
+    """The kernels' ``FAST_EXP`` for a user's ``fast_exp`` setting; raises ValueError on an unknown one."""
+    if isinstance(setting, bool) or setting in FAST_EXP_MODES:
+        return FAST_EXP_MODES[setting]
+    raise ValueError(f"fast_exp must be one of {list(FAST_EXP_MODES)}, got {setting!r}")
 
 
 def check_attention_inputs(q, k, v, key_padding, scale, caller: str) -> tuple[torch.Tensor | None, float]:
@@ -233,13 +288,15 @@ def dense_attention(
     scale: float | None = None,
     key_padding: torch.Tensor | None = None,
     return_lse: bool = False,
+    fast_exp: bool | str = False,
 ):
     """Dense attention on the Triton kernels, ``(B, H_q, S_q, D)`` in and out; differentiable.
 
     ``key_padding`` is an optional ``(B, S_kv)`` mask, True/non-zero = attend. ``causal`` is bottom-right aligned.
-    Rows that see no key give zeros (LSE ``-inf``).
+    Rows that see no key give zeros (LSE ``-inf``). ``fast_exp`` (see :data:`FAST_EXP_MODES`) computes part or all of
+    the softmax exponentials on the FMA units (max relative error 7.5e-5 on the exponential).
     """
     key_padding, scale = check_attention_inputs(q, k, v, key_padding, scale, "dense_attention")
     key_padding = None if key_padding is None else key_padding.view(torch.uint8)
-    out, lse = _dense_fwd_op(q, k, v, key_padding, bool(causal), scale)
+    out, lse = _dense_fwd_op(q, k, v, key_padding, bool(causal), scale, fast_exp_mode(fast_exp))
     return (out, lse) if return_lse else out

@@ -13,6 +13,11 @@ The work for one query tile is split into three reusable pieces:
   the tail that needs the causal / sequence-end mask.
 * :func:`attn_fwd_finish` normalises the accumulator and returns the log-sum-exp.
 
+K and V are read through a *tile source*: the head's base pointer, or a TMA tensor descriptor over the head's
+``(S_kv, D)`` rows (:func:`kv_tile_source`, Hopper and newer), so every kernel on the skeleton gets the TMA path by
+building its sources with ``USE_TMA``. ``FAST_EXP`` moves part of the softmax exponentials from the MUFU unit to the FMA
+units (:func:`exp2_fma`).
+
 Scores live in log2 units (``qk_scale = scale * log2(e)``) so the exponential is a single ``exp2``. Causality is aligned
 bottom-right: query row ``i`` sees key ``j`` iff ``j <= i + (S_kv - S_q)``. A query row that sees no key returns zeros
 and ``lse = -inf``.
@@ -24,6 +29,81 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+
+
+# 2**f on [-0.5, 0.5] to 7.5e-5 relative error: a degree-3 polynomial fitted for minimax relative error (Lawson's
+# iteration), rounded to fp32. Degree 2 would miss the 1e-3 bound (about 1.7e-3).
+_EXP2_C0 = tl.constexpr(0.9999281167984009)
+_EXP2_C1 = tl.constexpr(0.6932609677314758)
+_EXP2_C2 = tl.constexpr(0.24261054396629333)
+_EXP2_C3 = tl.constexpr(0.05517132207751274)
+_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding it rounds to an integer held in the low mantissa bits
+_EXP2_FLOOR = tl.constexpr(-125.0)  # below it the exponent field would underflow; exp2 there is taken as exactly 0
+
+
+@triton.jit
+def exp2_fma(x):
+    """``2**x`` on the FMA/ALU pipes instead of the MUFU unit (VEXP / FlashAttention-4 style).
+
+    ``x = j + f`` with ``j`` the nearest integer (magic-number rounding, no conversion instruction) and ``|f| <= 0.5``;
+    ``2**f`` is a Horner polynomial, and ``j`` goes straight into the exponent bits with an integer add. Inputs below
+    -125 (masked scores, ``-inf``) give exactly 0, so empty rows still sum to 0.
+    """
+    clamped = tl.maximum(x, _EXP2_FLOOR)
+    rounded = clamped + _ROUND_MAGIC
+    frac = clamped - (rounded - _ROUND_MAGIC)
+    poly = _EXP2_C3 * frac + _EXP2_C2
+    poly = poly * frac + _EXP2_C1
+    poly = poly * frac + _EXP2_C0
+    # The magic constant's own bits shift out past bit 31, leaving j << 23 (two's complement for negative j).
+    exponent = rounded.to(tl.int32, bitcast=True) << 23
+    result = (poly.to(tl.int32, bitcast=True) + exponent).to(tl.float32, bitcast=True)
+    return tl.where(x < _EXP2_FLOOR, 0.0, result)
+
+
+@triton.jit
+def softmax_exp2(x, FAST_EXP: tl.constexpr):
+    """The softmax numerator ``exp2(x)`` of a score tile. ``FAST_EXP``: 0 = all on MUFU (``tl.math.exp2``);
+    1 = every other column on the FMA units (:func:`exp2_fma`) so both pipes work at once; 2 = all on the FMA units."""
+    if FAST_EXP == 0:
+        return tl.math.exp2(x)
+    elif FAST_EXP == 1:
+        # Adjacent columns sit in one thread's registers in the MMA layout, so the split and join move no data.
+        even, odd = tl.split(tl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
+        return tl.reshape(tl.join(tl.math.exp2(even), exp2_fma(odd)), [x.shape[0], x.shape[1]])
+    else:
+        return exp2_fma(x)
+
+
+@triton.jit
+def kv_tile_source(base, seq_k, stride_n, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   USE_TMA: tl.constexpr):  # fmt: skip
+    """What the tile functions read one head's K or V through: with ``USE_TMA`` (Hopper and newer) a TMA descriptor
+    over its ``(seq_k, HEAD_DIM)`` rows, which zero-fills out-of-range rows and columns; else the base pointer."""
+    if USE_TMA:
+        return tl.make_tensor_descriptor(
+            base, shape=[seq_k, HEAD_DIM], strides=[stride_n, 1], block_shape=[BLOCK_N, BLOCK_D]
+        )
+    else:
+        return base
+
+
+@triton.jit
+def load_kv_tile(source, start_n, cols, offs_d, stride_n, seq_k, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 MASK_SEQ_END: tl.constexpr):  # fmt: skip
+    """The ``(BLOCK_N, BLOCK_D)`` tile of rows ``cols = start_n + arange(BLOCK_N)`` from a tile source, zeros outside."""
+    if isinstance(source, tl.tensor_descriptor):
+        return source.load([start_n, 0])
+    else:
+        ptrs = source + cols[:, None] * stride_n + offs_d[None, :]
+        if MASK_SEQ_END and BLOCK_D != HEAD_DIM:
+            return tl.load(ptrs, mask=(cols[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        elif MASK_SEQ_END:
+            return tl.load(ptrs, mask=cols[:, None] < seq_k, other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            return tl.load(ptrs)
 
 
 @triton.jit
@@ -44,17 +124,10 @@ def attn_fwd_scores(
     MASK_SEQ_END: tl.constexpr,
     HAS_KEY_PADDING: tl.constexpr,
 ):
-    """Raw scores ``Q K^T`` of key tile ``[start_n, start_n + BLOCK_N)`` (fp32, unscaled), invisible keys at ``-inf``."""
+    """Raw scores ``Q K^T`` of key tile ``[start_n, start_n + BLOCK_N)`` (fp32, unscaled), invisible keys at ``-inf``.
+    ``k_base`` is a tile source (:func:`kv_tile_source`)."""
     cols = start_n + offs_n
-    k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]
-    if MASK_SEQ_END and BLOCK_D != HEAD_DIM:
-        k = tl.load(k_ptrs, mask=(offs_d[:, None] < HEAD_DIM) & (cols[None, :] < seq_k), other=0.0)
-    elif MASK_SEQ_END:
-        k = tl.load(k_ptrs, mask=cols[None, :] < seq_k, other=0.0)
-    elif BLOCK_D != HEAD_DIM:
-        k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-    else:
-        k = tl.load(k_ptrs)
+    k = tl.trans(load_kv_tile(k_base, start_n, cols, offs_d, stride_kn, seq_k, HEAD_DIM, BLOCK_D, MASK_SEQ_END))
     s = tl.dot(q, k)
     if MASK_CAUSAL or MASK_SEQ_END or HAS_KEY_PADDING:
         keep = cols[None, :] < seq_k
@@ -84,6 +157,7 @@ def attn_fwd_update(
     BLOCK_D: tl.constexpr,
     MASK_SEQ_END: tl.constexpr,
     MAY_HAVE_EMPTY_ROWS: tl.constexpr,
+    FAST_EXP: tl.constexpr = 0,
 ):
     """Fold the scores ``s`` of one key tile (from :func:`attn_fwd_scores`) and its V tile into ``(acc, m_i, l_i)``."""
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
@@ -92,21 +166,12 @@ def attn_fwd_update(
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_shift = m_new
-    p = tl.math.exp2(s * qk_scale - m_shift[:, None])
+    p = softmax_exp2(s * qk_scale - m_shift[:, None], FAST_EXP)
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
 
-    cols = start_n + offs_n
-    v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :]
-    if MASK_SEQ_END and BLOCK_D != HEAD_DIM:
-        v = tl.load(v_ptrs, mask=(cols[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    elif MASK_SEQ_END:
-        v = tl.load(v_ptrs, mask=cols[:, None] < seq_k, other=0.0)
-    elif BLOCK_D != HEAD_DIM:
-        v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-    else:
-        v = tl.load(v_ptrs)
+    v = load_kv_tile(v_base, start_n, start_n + offs_n, offs_d, stride_vn, seq_k, HEAD_DIM, BLOCK_D, MASK_SEQ_END)
     acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, m_new, l_i
 
@@ -134,6 +199,7 @@ def attn_fwd_tile(
     MASK_CAUSAL: tl.constexpr,
     MASK_SEQ_END: tl.constexpr,
     HAS_KEY_PADDING: tl.constexpr,
+    FAST_EXP: tl.constexpr = 0,
 ):
     """Fold key tile ``[start_n, start_n + BLOCK_N)`` into the online-softmax state of one query tile."""
     s = attn_fwd_scores(
@@ -142,7 +208,7 @@ def attn_fwd_tile(
     )  # fmt: skip
     return attn_fwd_update(
         acc, m_i, l_i, s, v_base, start_n, offs_n, offs_d, stride_vn, seq_k, qk_scale,
-        HEAD_DIM, BLOCK_D, MASK_SEQ_END, MASK_CAUSAL or MASK_SEQ_END or HAS_KEY_PADDING,
+        HEAD_DIM, BLOCK_D, MASK_SEQ_END, MASK_CAUSAL or MASK_SEQ_END or HAS_KEY_PADDING, FAST_EXP,
     )  # fmt: skip
 
 
@@ -171,14 +237,17 @@ def attn_fwd_tile_range(
     MASK_CAUSAL: tl.constexpr,
     MASK_SEQ_END: tl.constexpr,
     HAS_KEY_PADDING: tl.constexpr,
+    FAST_EXP: tl.constexpr = 0,
+    WARP_SPECIALIZE: tl.constexpr = False,
 ):
-    """Every key tile in ``[lo, hi)`` (multiples of ``BLOCK_N``), in order."""
-    for start_n in tl.range(lo, hi, BLOCK_N):
+    """Every key tile in ``[lo, hi)`` (multiples of ``BLOCK_N``), in order. ``WARP_SPECIALIZE`` lets Triton split the
+    loop into producer (TMA load) and consumer (MMA, softmax) warps; it needs TMA tile sources."""
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         acc, m_i, l_i = attn_fwd_tile(
             acc, m_i, l_i, q, k_base, v_base, kpad_base, start_n, offs_m, offs_n, offs_d,
             stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
-            HEAD_DIM, BLOCK_D, MASK_CAUSAL, MASK_SEQ_END, HAS_KEY_PADDING,
+            HEAD_DIM, BLOCK_D, MASK_CAUSAL, MASK_SEQ_END, HAS_KEY_PADDING, FAST_EXP,
         )  # fmt: skip
     return acc, m_i, l_i
 
@@ -208,18 +277,20 @@ def attn_fwd_tile_ranges(
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_KEY_PADDING: tl.constexpr,
+    FAST_EXP: tl.constexpr = 0,
+    WARP_SPECIALIZE: tl.constexpr = False,
 ):
     """Key tiles ``[lo, hi)``: those before ``unmasked_hi`` without element masks (every row sees all their keys),
     the rest with the causal (when ``CAUSAL``) and sequence-end masks."""
     acc, m_i, l_i = attn_fwd_tile_range(
         acc, m_i, l_i, q, k_base, v_base, kpad_base, lo, unmasked_hi, offs_m, offs_n, offs_d,
         stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
-        HEAD_DIM, BLOCK_N, BLOCK_D, False, False, HAS_KEY_PADDING,
+        HEAD_DIM, BLOCK_N, BLOCK_D, False, False, HAS_KEY_PADDING, FAST_EXP, WARP_SPECIALIZE,
     )  # fmt: skip
     return attn_fwd_tile_range(
         acc, m_i, l_i, q, k_base, v_base, kpad_base, unmasked_hi, hi, offs_m, offs_n, offs_d,
         stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
-        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, HAS_KEY_PADDING,
+        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, HAS_KEY_PADDING, FAST_EXP, WARP_SPECIALIZE,
     )  # fmt: skip
 
 
@@ -266,6 +337,9 @@ def _dense_fwd_kernel(
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_KEY_PADDING: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    FAST_EXP: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):  # fmt: skip
     # Heavy (late) query tiles first, so causal work is balanced across the tail of the grid.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -278,8 +352,10 @@ def _dense_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q_base = Q + batch * stride_qb + q_head * stride_qh
-    k_base = K + batch * stride_kb + kv_head * stride_kh
-    v_base = V + batch * stride_vb + kv_head * stride_vh
+    k_src = kv_tile_source(K + batch * stride_kb + kv_head * stride_kh, seq_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D,
+                           USE_TMA)  # fmt: skip
+    v_src = kv_tile_source(V + batch * stride_vb + kv_head * stride_vh, seq_k, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D,
+                           USE_TMA)  # fmt: skip
     kpad_base = KPAD + batch * stride_kpad_b
 
     row_mask = offs_m < seq_q
@@ -287,7 +363,8 @@ def _dense_fwd_kernel(
         q_mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
     else:
         q_mask = row_mask[:, None]
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+    q_src = kv_tile_source(q_base, seq_q, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
+    q = load_kv_tile(q_src, start_m, offs_m, offs_d, stride_qm, seq_q, HEAD_DIM, BLOCK_D, True)
 
     qk_scale = scale * 1.4426950408889634
     causal_offset = seq_k - seq_q
@@ -296,13 +373,25 @@ def _dense_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     full_hi, hi = attn_fwd_key_range(start_m, seq_k, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, m_i, l_i = attn_fwd_tile_ranges(
-        acc, m_i, l_i, q, k_base, v_base, kpad_base, 0, full_hi, hi, offs_m, offs_n, offs_d,
-        stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
-        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, HAS_KEY_PADDING,
-    )  # fmt: skip
+    if WARP_SPECIALIZE:
+        # Triton 3.6 warp-specialises a Hopper kernel only when it has a single loop, so every tile takes the masks.
+        acc, m_i, l_i = attn_fwd_tile_range(
+            acc, m_i, l_i, q, k_src, v_src, kpad_base, 0, hi, offs_m, offs_n, offs_d,
+            stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
+            HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, HAS_KEY_PADDING, FAST_EXP, True,
+        )  # fmt: skip
+    else:
+        acc, m_i, l_i = attn_fwd_tile_ranges(
+            acc, m_i, l_i, q, k_src, v_src, kpad_base, 0, full_hi, hi, offs_m, offs_n, offs_d,
+            stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
+            HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, HAS_KEY_PADDING, FAST_EXP,
+        )  # fmt: skip
 
     out, lse = attn_fwd_finish(acc, m_i, l_i)
-    o_ptrs = Out + batch * stride_ob + q_head * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
+    o_base = Out + batch * stride_ob + q_head * stride_oh
+    if USE_TMA:
+        o_desc = kv_tile_source(o_base, seq_q, stride_om, HEAD_DIM, BLOCK_M, BLOCK_D, True)
+        o_desc.store([start_m, 0], out.to(Out.dtype.element_ty))  # TMA drops rows and columns out of range
+    else:
+        tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty), mask=q_mask)
     tl.store(LSE + bh * seq_q + offs_m, lse, mask=row_mask)
