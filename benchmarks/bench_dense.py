@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import hf_fastattn
 from hf_fastattn.ops.dense import dense_attention
+from hf_fastattn.ops.dense.fp8 import dense_attention_fp8
 
 DEVICE = "cuda"
 TOKENS_PER_BATCH = 16384
@@ -138,11 +139,17 @@ def make_flex(shape: Shape) -> Attention:
     return lambda q, k, v: compiled_flex(q, k, v, block_mask=block_mask)
 
 
+def make_fastattn_dense_fp8(shape: Shape) -> Attention:
+    """The FP8 (e4m3) forward, quantisation of Q, K and V included in the time. Forward only."""
+    return functools.partial(dense_attention_fp8, causal=shape.causal)
+
+
 PROVIDERS: dict[str, Callable[[Shape], Attention]] = {
     OURS: make_fastattn_dense,
     f"{OURS}_no_tma": make_fastattn_dense_without_tma,
     f"{OURS}_fast_exp_half": functools.partial(make_fastattn_dense, fast_exp="half"),
     f"{OURS}_fast_exp_all": functools.partial(make_fastattn_dense, fast_exp="all"),
+    f"{OURS}_fp8": make_fastattn_dense_fp8,
     "sdpa_flash": functools.partial(make_sdpa, SDPBackend.FLASH_ATTENTION),
     "sdpa_cudnn": functools.partial(make_sdpa, SDPBackend.CUDNN_ATTENTION),
     "flex": make_flex,
@@ -224,15 +231,20 @@ def peak_memory(attend: Attention, inputs: Inputs, mode: str) -> dict:
     return {"peak_mib": (peak - allocated_before) / 2**20}
 
 
-def spot_check(shape: Shape) -> dict:
-    """Our forward against SDPA (flash, else math) on fresh inputs."""
+def spot_check(shape: Shape, variants: dict[str, Attention]) -> dict:
+    """Our forward against SDPA (flash, else math) on fresh inputs; with the max and mean error of each of our
+    variants (fast exp, FP8: their accuracy cost next to their time)."""
     inputs = make_inputs(shape, requires_grad=False)
     with torch.no_grad():
         ours = dense_attention(inputs.q, inputs.k, inputs.v, causal=shape.causal)
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
             reference = F.scaled_dot_product_attention(inputs.q, inputs.k, inputs.v, is_causal=shape.causal)
+        errors = {}
+        for name, attend in variants.items():
+            diff = (attend(inputs.q, inputs.k, inputs.v).float() - reference.float()).abs()
+            errors[name] = {"max_abs_err": diff.max().item(), "mean_abs_err": diff.mean().item()}
     max_abs_err = (ours.float() - reference.float()).abs().max().item()
-    return {"max_abs_err": max_abs_err, "err_ok": max_abs_err <= MAX_ABS_ERR[shape.dtype]}
+    return {"max_abs_err": max_abs_err, "err_ok": max_abs_err <= MAX_ABS_ERR[shape.dtype], "variants": errors}
 
 
 def ratios(results: dict[str, dict], key: str, baselines, *, ours_over_baseline: bool) -> dict[str, float | None]:
@@ -283,10 +295,11 @@ def run_or_report(built: Attention | dict, measure: Callable[[Attention], dict])
 
 def benchmark_shape(shape: Shape, args, report: dict) -> None:
     print(f"== {shape}", flush=True)
-    check = guarded(lambda: spot_check(shape)) if OURS in args.providers else {}
+    providers = build_providers(shape, args.providers)
+    variants = {name: attend for name, attend in providers.items() if name.startswith(OURS) and callable(attend)}
+    check = guarded(lambda: spot_check(shape, variants)) if OURS in args.providers else {}
     if check:
         print(f"   spot check vs sdpa: {format_check(check)}", flush=True)
-    providers = build_providers(shape, args.providers)
     for mode in args.modes:
         benchmark_mode(shape, mode, providers, check, args, report)
         torch.cuda.empty_cache()  # the mode's inputs are gone; hand their memory back before the next allocation
@@ -319,7 +332,10 @@ def benchmark_mode(shape: Shape, mode: str, providers: dict, check: dict, args, 
 def format_check(check: dict) -> str:
     if "error" in check:
         return f"error: {check['error'][:160]}"
-    return f"max abs err {check['max_abs_err']:.4f}" + ("" if check["err_ok"] else " FLAGGED")
+    variants = "; ".join(
+        f"{name} max {err['max_abs_err']:.4f} mean {err['mean_abs_err']:.2e}" for name, err in check["variants"].items()
+    )
+    return f"max abs err {check['max_abs_err']:.4f}" + ("" if check["err_ok"] else " FLAGGED") + f" ({variants})"
 
 
 def format_peak(result: dict) -> str:
@@ -427,6 +443,30 @@ def error_lines(report: dict) -> list[str]:
     return lines
 
 
+def variant_table(rows: list[dict]) -> list[str]:
+    fwd_rows = [row for row in rows if row["mode"] == "fwd" and row["spot_check"].get("variants")]
+    if not fwd_rows:
+        return []
+    names = [name for name in fwd_rows[0]["spot_check"]["variants"] if name != OURS]
+    header = ["D", "N", "B", "causal", f"{OURS} max / mean err"]
+    header += [f"{name} {what}" for name in names for what in ("speed-up", "max / mean err")]
+    body = []
+    for row in fwd_rows:
+        errors, timings = row["spot_check"]["variants"], row["providers"]
+        ours_ms = timings.get(OURS, {}).get("ms")
+        cells = [str(row[field]) for field in ("head_dim", "seqlen", "batch", "causal")]
+        cells.append(error_pair(errors.get(OURS)))
+        for name in names:
+            ms = timings.get(name, {}).get("ms")
+            cells += [number(ours_ms / ms if ours_ms and ms else None, ".2f", "x"), error_pair(errors.get(name))]
+        body.append(cells)
+    return markdown_table(header, body)
+
+
+def error_pair(error: dict | None) -> str:
+    return "n/a" if error is None else f"{error['max_abs_err']:.4f} / {error['mean_abs_err']:.1e}"
+
+
 def render_markdown(report: dict) -> str:
     meta = report["metadata"]
     lines = [f"# Dense attention benchmark: {meta['gpu']}", ""]
@@ -445,6 +485,13 @@ def render_markdown(report: dict) -> str:
         "",
         *timing_table(report["rows"]),
     ]
+    variant_rows = variant_table(report["rows"])
+    if variant_rows:
+        intro = (
+            "Forward time of each variant over fastattn_dense's (> 1: the variant is faster), and its error "
+            "against SDPA on the spot-check inputs (max / mean abs)."
+        )
+        lines += ["", "## Our variants: speed and accuracy", "", intro, "", *variant_rows]
     if report["memory"]:
         lines += ["", "## Peak memory", "", "Peak allocated during one call, above the live inputs.", ""]
         lines += memory_table(report["memory"])

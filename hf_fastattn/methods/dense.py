@@ -1,6 +1,11 @@
 """``fastattn_dense``: exact attention on the FlashAttention-2 style Triton skeleton.
 
-The baseline every other method is measured against, and the kernel skeleton they share. No per-layer state.
+The baseline every other method is measured against, and the kernel skeleton they share. Per-layer options:
+
+* ``fast_exp``: ``False`` (default), ``"half"``/``True`` or ``"all"``: that share of the softmax exponentials on the
+  FMA units instead of the MUFU unit (VEXP style; 7.5e-5 relative error on the exponential). Measured slower on the
+  H100 (benchmarks/NOTES.md), so it stays off by default.
+* ``fp8``: ``True`` runs the FP8 (e4m3) forward (Hopper and newer; inference only, no backward).
 """
 
 from __future__ import annotations
@@ -9,14 +14,35 @@ from ..capabilities import Capabilities, MethodSpec
 from ..dispatch import dispatch_attention
 from ..masks import fastattn_mask
 from ..ops.dense import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, dense_attention, dense_attention_reference
+from ..ops.dense.attention import fast_exp_mode
+from ..ops.dense.fp8 import dense_attention_fp8
+from ..ops.dense.naive import dense_attention_fp8_reference
+
+OPTIONS = ("fast_exp", "fp8")
 
 
 def _kernel(query, key, value, *, causal, scale, key_padding, state):
-    return dense_attention(query, key, value, causal=causal, scale=scale, key_padding=key_padding)
+    config = state.config if state is not None else {}
+    if config.get("fp8"):
+        return dense_attention_fp8(query, key, value, causal=causal, scale=scale, key_padding=key_padding)
+    fast_exp = config.get("fast_exp", False)
+    return dense_attention(query, key, value, causal=causal, scale=scale, key_padding=key_padding, fast_exp=fast_exp)
 
 
 def _reference(query, key, value, *, causal, scale, key_padding, state):
+    if state is not None and state.config.get("fp8"):
+        return dense_attention_fp8_reference(query, key, value, causal=causal, scale=scale, key_padding=key_padding)
     return dense_attention_reference(query, key, value, causal=causal, scale=scale, key_padding=key_padding)
+
+
+def _prepare(model, states) -> None:
+    for state in states:
+        unknown = sorted(set(state.config) - set(OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown fastattn_{state.spec.name} options {unknown}; it takes {list(OPTIONS)}")
+        fast_exp = fast_exp_mode(state.config.get("fast_exp", False))
+        if state.config.get("fp8") and fast_exp:
+            raise ValueError("fp8=True runs its own kernel without fast_exp; choose one")
 
 
 SPEC = MethodSpec(
@@ -25,6 +51,7 @@ SPEC = MethodSpec(
     kernel=_kernel,
     reference=_reference,
     capabilities=Capabilities(head_dims=SUPPORTED_HEAD_DIMS, dtypes=SUPPORTED_DTYPES),
+    prepare=_prepare,
 )
 
 mask_builder = fastattn_mask

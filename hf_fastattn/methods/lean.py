@@ -22,6 +22,7 @@ SPEC = MethodSpec(
     reference=DENSE_SPEC.reference,
     capabilities=Capabilities(head_dims=SUPPORTED_HEAD_DIMS, dtypes=SUPPORTED_DTYPES),
     decode_strategy="streamk",
+    prepare=DENSE_SPEC.prepare,  # the dense kernel's options (fast_exp, fp8)
 )
 
 mask_builder = fastattn_mask

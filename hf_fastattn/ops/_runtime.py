@@ -87,13 +87,15 @@ def check_tile_size(name: str, size: int) -> None:
         raise ValueError(f"{name} must be a power of two >= 16, got {size}")
 
 
-def patch_interpreter_bf16() -> None:
-    """Make bf16 arithmetic in Triton's interpreter match the GPU's (seen wrong in triton 3.6-3.9).
+def patch_interpreter_low_precision() -> None:
+    """Make bf16 and fp8 (e4m3) arithmetic in Triton's interpreter match the GPU's (seen wrong in triton 3.6-3.9).
 
     The interpreter stores bf16 as raw uint16 bits. Its ``create_dot`` multiplies those integers, so every bf16 kernel
     would return garbage on the CPU: widening the operands to fp32 first (exact, a 16-bit shift) gives the product the
     GPU's fp32-accumulating tensor cores compute. Its fp32 -> bf16 cast truncates, where the GPU rounds to nearest
-    even: that bias would make every bf16 rounding inside a kernel cost up to a whole ulp.
+    even: that bias would make every bf16 rounding inside a kernel cost up to a whole ulp. e4m3 is stored as uint8
+    bits with the same dot problem, and its fp32 -> e4m3 cast gets exponents wrong (-126.5 came out as -64); torch's
+    conversions, which round to nearest even as the GPU does, stand in for both.
     """
     import numpy as np
     import triton.language as tl
@@ -104,8 +106,12 @@ def patch_interpreter_bf16() -> None:
         return
     original_create_dot = builder_cls.create_dot
     original_cast_impl = builder_cls.cast_impl
+    original_create_fp_to_fp = builder_cls.create_fp_to_fp
 
     def widen(handle):
+        if handle.dtype.scalar == tl.float8e4nv:
+            values = torch.from_numpy(np.ascontiguousarray(handle.data, dtype=np.uint8)).view(torch.float8_e4m3fn)
+            return interpreter.TensorHandle(values.float().numpy(), tl.float32)
         if handle.dtype.scalar != tl.bfloat16:
             return handle
         bits = handle.data.astype(np.uint32) << 16
@@ -113,6 +119,12 @@ def patch_interpreter_bf16() -> None:
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         return original_create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.float8e4nv:
+            return original_create_fp_to_fp(self, src, dst_type, rounding_mode)
+        values = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.float8_e4m3fn)
+        return interpreter.TensorHandle(values.view(torch.uint8).numpy(), tl.float8e4nv)
 
     def cast_impl(self, src, dst_type):
         if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
@@ -124,4 +136,5 @@ def patch_interpreter_bf16() -> None:
 
     builder_cls.create_dot = create_dot
     builder_cls.cast_impl = cast_impl
+    builder_cls.create_fp_to_fp = create_fp_to_fp
     builder_cls._hf_fastattn_bf16 = True

@@ -6,7 +6,7 @@ makes, plus an absolute floor of twice the rounding noise at the values' size (f
 The rule adapts to the dtype, the head dim and the sequence length without a hand-tuned tolerance per case. Two terms
 are added where the tiny CPU shapes make the max-of-a-few-elements statistic noisy, both derived, not tuned: the
 gradient error FlashAttention-2 makes by design (``delta`` from the stored, rounded output; see ``fa2_delta_error``).
-Under the interpreter, ``hf_fastattn.ops._runtime.patch_interpreter_bf16`` makes bf16 dots and casts round as on a GPU.
+Under the interpreter, ``hf_fastattn.ops._runtime.patch_interpreter_low_precision`` makes bf16 dots and casts round as on a GPU.
 
 Without a GPU (``tests/conftest.py`` sets ``TRITON_INTERPRET=1``) the very same kernels run in Triton's CPU
 interpreter, so every shape here is small; the ``gpu``-marked tests cover realistic shapes on CUDA.

@@ -17,7 +17,7 @@ from .._runtime import (
     check_tile_size,
     interpreter_enabled,
     next_power_of_2,
-    patch_interpreter_bf16,
+    patch_interpreter_low_precision,
 )
 from ..dense.attention import (
     SUPPORTED_DTYPES,
@@ -34,7 +34,7 @@ DEFAULT_BLOCK_N = 64
 # (num_warps, num_stages); the first is the default when autotuning is off.
 _LAUNCH_CONFIGS = [(8, 3), (4, 3), (8, 2), (4, 2)]
 if interpreter_enabled():
-    patch_interpreter_bf16()
+    patch_interpreter_low_precision()
 
 __all__ = [
     "DEFAULT_BLOCK_M",

@@ -14,7 +14,7 @@ from .._runtime import (
     ensure_triton_allocator,
     interpreter_enabled,
     next_power_of_2,
-    patch_interpreter_bf16,
+    patch_interpreter_low_precision,
     tma_usable,
 )
 from .bwd import _bwd_preprocess_kernel, _dense_bwd_dkdv_kernel, _dense_bwd_dq_kernel
@@ -25,7 +25,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 # The interpreter runs one program at a time in NumPy: the smallest tiles tl.dot accepts keep CI fast.
 _INTERPRETER_BLOCK = 16
 if interpreter_enabled():
-    patch_interpreter_bf16()
+    patch_interpreter_low_precision()
 
 
 # Tiles as (BLOCK_M, BLOCK_N, num_warps, num_stages): the measured H100 winners (bf16, d64/d128, N 1k-32k) plus
@@ -33,15 +33,12 @@ if interpreter_enabled():
 _FWD_TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)]
 _DKDV_TILES = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2)]
 _DQ_TILES = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
-# TMA forward tiles (Hopper+) as (BLOCK_M, BLOCK_N, num_warps, num_stages, warp-specialised). Triton 3.6 warp-
-# specialises with one 4-warp group per 64 query rows; it cannot compile the half-MUFU fast exponential (FAST_EXP=1).
-_FWD_TMA_TILES = [
-    (128, 64, 8, 3, False), (128, 128, 8, 2, False), (128, 64, 4, 3, True), (128, 64, 4, 2, True),
-    (128, 128, 4, 2, True), (64, 64, 4, 3, False),
-]  # fmt: skip
+# The forward also tries each tile with K/V read through TMA descriptors (5th element: USE_TMA) where the GPU and the
+# tensors allow it (``tma_ok``): faster at d128 non-causal, slower at d64 (benchmarks/NOTES.md), so autotuning picks.
+_FWD_TMA_TILES = [(*tile, use_tma) for use_tma in (False, True) for tile in [*_FWD_TILES, (128, 128, 8, 2)]]
 _LARGE_HEAD_DIM_MAX_TILE = 64 * 64  # BLOCK_M * BLOCK_N that still fits shared memory at head dim 256
 _AUTOTUNE_KEY = ["seq_k_bucket", "HEAD_DIM", "CAUSAL", "HAS_KEY_PADDING"]
-_FWD_AUTOTUNE_KEY = [*_AUTOTUNE_KEY, "USE_TMA", "FAST_EXP"]
+_FWD_AUTOTUNE_KEY = [*_AUTOTUNE_KEY, "tma_ok", "FAST_EXP"]
 
 
 def _tiles_for(tiles, block_d: int):
@@ -50,47 +47,48 @@ def _tiles_for(tiles, block_d: int):
 
 def _tile_of(config) -> tuple:
     tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
-    return (*tile, config.kwargs["WARP_SPECIALIZE"]) if "WARP_SPECIALIZE" in config.kwargs else tile
+    return (*tile, config.kwargs["USE_TMA"]) if "USE_TMA" in config.kwargs else tile
+
+
+def _allowed_tiles(tiles, block_d: int, tma_ok: bool | None) -> list[tuple]:
+    """The tiles that fit the head dim; of TMA tiles (5th element), only those ``tma_ok`` permits."""
+    return [t for t in _tiles_for(tiles, block_d) if tma_ok is None or tma_ok or not t[4]]
 
 
 def _autotuned(kernel, tiles, key=_AUTOTUNE_KEY):
-    def config(m, n, warps, stages, *warp_specialize):
-        kwargs = {"BLOCK_M": m, "BLOCK_N": n}
-        if warp_specialize:
-            kwargs["WARP_SPECIALIZE"] = warp_specialize[0]
+    def config(m, n, warps, stages, *use_tma):
+        kwargs = {"BLOCK_M": m, "BLOCK_N": n} | ({"USE_TMA": use_tma[0]} if use_tma else {})
         return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
     def prune(configs, named_args, **kwargs):
-        allowed = _tiles_for(tiles, kwargs.get("BLOCK_D", named_args.get("BLOCK_D")))
-        kept = [c for c in configs if _tile_of(c) in allowed]
-        if kwargs.get("FAST_EXP") == 1:
-            kept = [c for c in kept if not c.kwargs.get("WARP_SPECIALIZE")]
-        return kept
+        tma_ok = bool(named_args["tma_ok"]) if "tma_ok" in named_args else None
+        allowed = _allowed_tiles(tiles, kwargs.get("BLOCK_D", named_args.get("BLOCK_D")), tma_ok)
+        return [c for c in configs if _tile_of(c) in allowed]
 
     configs = [config(*tile) for tile in tiles]
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
-_fwd_tuned = _autotuned(_dense_fwd_kernel, _FWD_TILES, _FWD_AUTOTUNE_KEY)
-_fwd_tma_tuned = _autotuned(_dense_fwd_kernel, _FWD_TMA_TILES, _FWD_AUTOTUNE_KEY)
+_fwd_tuned = _autotuned(_dense_fwd_kernel, _FWD_TMA_TILES, _FWD_AUTOTUNE_KEY)
 _dkdv_tuned = _autotuned(_dense_bwd_dkdv_kernel, _DKDV_TILES)
 _dq_tuned = _autotuned(_dense_bwd_dq_kernel, _DQ_TILES)
 
 
 def _launch(kernel, tuned, tiles, grid, *args, **meta):
     """Autotuned on a GPU (unless HF_FASTATTN_AUTOTUNE=0: the first fitting tile); the smallest tile when interpreted."""
+    tma_ok = meta.pop("tma_ok", None)
+    if tma_ok is not None:
+        args = (*args, int(tma_ok))
     if interpreter_enabled():
         blocks = {"BLOCK_M": _INTERPRETER_BLOCK, "BLOCK_N": _INTERPRETER_BLOCK}
-        if len(tiles[0]) == 5:
-            blocks["WARP_SPECIALIZE"] = False
+        if tma_ok is not None:
+            blocks["USE_TMA"] = tma_ok
         kernel[grid(blocks)](*args, **meta, **blocks)
     elif autotune_enabled():
         tuned[grid](*args, **meta)
     else:
-        block_m, block_n, warps, stages, *warp_specialize = _tiles_for(tiles, meta["BLOCK_D"])[0]
-        blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-        if warp_specialize:
-            blocks["WARP_SPECIALIZE"] = warp_specialize[0]
+        block_m, block_n, warps, stages, *use_tma = _allowed_tiles(tiles, meta["BLOCK_D"], tma_ok)[0]
+        blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n} | ({"USE_TMA": use_tma[0]} if use_tma else {})
         kernel[grid(blocks)](*args, **meta, **blocks, num_warps=warps, num_stages=stages)
 
 
@@ -121,15 +119,15 @@ def dense_fwd(q, k, v, key_padding, causal: bool, scale: float, fast_exp: int = 
     out = empty_hf_output(q)
     lse = torch.empty(batch, num_q_heads, seq_q, device=q.device, dtype=torch.float32)
     kpad, stride_kpad = key_padding_arg(key_padding, q)
-    use_tma = tma_usable(q, k, v, out)
-    if use_tma:
+    tma_ok = tma_usable(q, k, v, out)
+    if tma_ok:
         ensure_triton_allocator()
 
     def grid(meta):
         return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * num_q_heads)
 
     _launch(
-        _dense_fwd_kernel, _fwd_tma_tuned if use_tma else _fwd_tuned, _FWD_TMA_TILES if use_tma else _FWD_TILES, grid,
+        _dense_fwd_kernel, _fwd_tuned, _FWD_TMA_TILES, grid,
         q, k, v, kpad, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -139,7 +137,7 @@ def dense_fwd(q, k, v, key_padding, causal: bool, scale: float, fast_exp: int = 
         num_q_heads, num_q_heads // num_kv_heads, seq_q, seq_k, scale,
         min(next_power_of_2(seq_k), 1 << 16),
         HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), CAUSAL=causal, HAS_KEY_PADDING=key_padding is not None,
-        USE_TMA=use_tma, FAST_EXP=fast_exp, **({} if use_tma else {"WARP_SPECIALIZE": False}),
+        tma_ok=tma_ok, FAST_EXP=fast_exp,
     )  # fmt: skip
     return out, lse
 

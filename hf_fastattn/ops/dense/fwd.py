@@ -158,20 +158,32 @@ def attn_fwd_update(
     MASK_SEQ_END: tl.constexpr,
     MAY_HAVE_EMPTY_ROWS: tl.constexpr,
     FAST_EXP: tl.constexpr = 0,
+    P_GAIN_LOG2: tl.constexpr = 0,
+    V_TRANSPOSED: tl.constexpr = False,
 ):
-    """Fold the scores ``s`` of one key tile (from :func:`attn_fwd_scores`) and its V tile into ``(acc, m_i, l_i)``."""
+    """Fold the scores ``s`` of one key tile (from :func:`attn_fwd_scores`) and its V tile into ``(acc, m_i, l_i)``.
+
+    FP8 kernels set ``P_GAIN_LOG2`` (P, and so ``l_i``, come out ``2**P_GAIN_LOG2`` times larger, so that small
+    probabilities survive the cast to e4m3; the gain cancels in ``acc / l_i``) and ``V_TRANSPOSED`` (``v_base`` is a
+    descriptor over ``V^T``, the K-major operand Hopper's FP8 MMA needs)."""
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     if MAY_HAVE_EMPTY_ROWS:
         # Rows with nothing visible yet keep m = -inf; shift them by 0 so exp2 yields 0 rather than NaN.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_shift = m_new
-    p = softmax_exp2(s * qk_scale - m_shift[:, None], FAST_EXP)
+    if P_GAIN_LOG2 != 0:
+        p = softmax_exp2(s * qk_scale - (m_shift - P_GAIN_LOG2)[:, None], FAST_EXP)
+    else:
+        p = softmax_exp2(s * qk_scale - m_shift[:, None], FAST_EXP)
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
 
-    v = load_kv_tile(v_base, start_n, start_n + offs_n, offs_d, stride_vn, seq_k, HEAD_DIM, BLOCK_D, MASK_SEQ_END)
+    if V_TRANSPOSED:
+        v = tl.trans(v_base.load([0, start_n]))
+    else:
+        v = load_kv_tile(v_base, start_n, start_n + offs_n, offs_d, stride_vn, seq_k, HEAD_DIM, BLOCK_D, MASK_SEQ_END)
     acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, m_new, l_i
 
@@ -238,11 +250,9 @@ def attn_fwd_tile_range(
     MASK_SEQ_END: tl.constexpr,
     HAS_KEY_PADDING: tl.constexpr,
     FAST_EXP: tl.constexpr = 0,
-    WARP_SPECIALIZE: tl.constexpr = False,
 ):
-    """Every key tile in ``[lo, hi)`` (multiples of ``BLOCK_N``), in order. ``WARP_SPECIALIZE`` lets Triton split the
-    loop into producer (TMA load) and consumer (MMA, softmax) warps; it needs TMA tile sources."""
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    """Every key tile in ``[lo, hi)`` (multiples of ``BLOCK_N``), in order."""
+    for start_n in tl.range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         acc, m_i, l_i = attn_fwd_tile(
             acc, m_i, l_i, q, k_base, v_base, kpad_base, start_n, offs_m, offs_n, offs_d,
@@ -278,19 +288,18 @@ def attn_fwd_tile_ranges(
     CAUSAL: tl.constexpr,
     HAS_KEY_PADDING: tl.constexpr,
     FAST_EXP: tl.constexpr = 0,
-    WARP_SPECIALIZE: tl.constexpr = False,
 ):
     """Key tiles ``[lo, hi)``: those before ``unmasked_hi`` without element masks (every row sees all their keys),
     the rest with the causal (when ``CAUSAL``) and sequence-end masks."""
     acc, m_i, l_i = attn_fwd_tile_range(
         acc, m_i, l_i, q, k_base, v_base, kpad_base, lo, unmasked_hi, offs_m, offs_n, offs_d,
         stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
-        HEAD_DIM, BLOCK_N, BLOCK_D, False, False, HAS_KEY_PADDING, FAST_EXP, WARP_SPECIALIZE,
+        HEAD_DIM, BLOCK_N, BLOCK_D, False, False, HAS_KEY_PADDING, FAST_EXP,
     )  # fmt: skip
     return attn_fwd_tile_range(
         acc, m_i, l_i, q, k_base, v_base, kpad_base, unmasked_hi, hi, offs_m, offs_n, offs_d,
         stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
-        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, HAS_KEY_PADDING, FAST_EXP, WARP_SPECIALIZE,
+        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, HAS_KEY_PADDING, FAST_EXP,
     )  # fmt: skip
 
 
@@ -330,7 +339,7 @@ def _dense_fwd_kernel(
     stride_ob, stride_oh, stride_om,
     stride_kpad_b,
     num_q_heads, group_size, seq_q, seq_k, scale,
-    seq_k_bucket,  # autotune key only
+    seq_k_bucket, tma_ok,  # autotune keys only
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -339,7 +348,6 @@ def _dense_fwd_kernel(
     HAS_KEY_PADDING: tl.constexpr,
     USE_TMA: tl.constexpr,
     FAST_EXP: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
 ):  # fmt: skip
     # Heavy (late) query tiles first, so causal work is balanced across the tail of the grid.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -373,19 +381,11 @@ def _dense_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     full_hi, hi = attn_fwd_key_range(start_m, seq_k, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
-    if WARP_SPECIALIZE:
-        # Triton 3.6 warp-specialises a Hopper kernel only when it has a single loop, so every tile takes the masks.
-        acc, m_i, l_i = attn_fwd_tile_range(
-            acc, m_i, l_i, q, k_src, v_src, kpad_base, 0, hi, offs_m, offs_n, offs_d,
-            stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
-            HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, HAS_KEY_PADDING, FAST_EXP, True,
-        )  # fmt: skip
-    else:
-        acc, m_i, l_i = attn_fwd_tile_ranges(
-            acc, m_i, l_i, q, k_src, v_src, kpad_base, 0, full_hi, hi, offs_m, offs_n, offs_d,
-            stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
-            HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, HAS_KEY_PADDING, FAST_EXP,
-        )  # fmt: skip
+    acc, m_i, l_i = attn_fwd_tile_ranges(
+        acc, m_i, l_i, q, k_src, v_src, kpad_base, 0, full_hi, hi, offs_m, offs_n, offs_d,
+        stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
+        HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, HAS_KEY_PADDING, FAST_EXP,
+    )  # fmt: skip
 
     out, lse = attn_fwd_finish(acc, m_i, l_i)
     o_base = Out + batch * stride_ob + q_head * stride_oh

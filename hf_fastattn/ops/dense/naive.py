@@ -77,3 +77,48 @@ def dense_attention_reference(
     if not return_lse:
         return out
     return out, torch.cat(lses, dim=3).reshape(batch, num_q_heads, seq_q).float()
+
+
+def fp8_round_trip(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x`` quantised to e4m3 with ``scale`` (broadcast against ``x``) and back, in fp32."""
+    return (x.float() / scale).to(torch.float8_e4m3fn).float() * scale
+
+
+def dense_attention_fp8_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
+    block: int = 128,
+) -> torch.Tensor:
+    """What the FP8 forward computes, in fp32: Q and K quantised per ``block`` rows, V per channel, P (with the
+    kernel's gain of 2**8) per element before ``P V``. The kernel rounds P against its running row maximum rather than
+    the final one, so it agrees with this to within e4m3 rounding, not bit for bit."""
+
+    def per_block(x):
+        rows = x.shape[2]
+        padded = torch.nn.functional.pad(x.float().abs(), (0, 0, 0, -rows % block))
+        amax = padded.unflatten(2, (-1, block)).amax(dim=(-1, -2))
+        scales = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+        return fp8_round_trip(x, scales.repeat_interleave(block, dim=2)[:, :, :rows, None])
+
+    v_amax = v.float().abs().amax(dim=2, keepdim=True)
+    v_scale = torch.where(v_amax > 0, v_amax / 448.0, torch.ones_like(v_amax))
+    qd, kd, vd = per_block(q), per_block(k), fp8_round_trip(v, v_scale)
+
+    batch, num_q_heads, seq_q, head_dim = q.shape
+    num_kv_heads, seq_k = k.shape[1], k.shape[2]
+    group = num_q_heads // num_kv_heads
+    scale = head_dim**-0.5 if scale is None else scale
+    scores = torch.matmul(qd.reshape(batch, num_kv_heads, group, seq_q, head_dim), kd[:, :, None].transpose(-1, -2))
+    keep = visible_keys(torch.arange(seq_q, device=q.device), seq_q, seq_k, causal, key_padding)
+    keep = torch.ones_like(scores, dtype=torch.bool) if keep is None else keep.expand_as(scores)
+    probs, _ = masked_softmax(scores * scale, keep)
+    row_max = probs.amax(dim=-1, keepdim=True)
+    gain = 256.0 / torch.where(row_max > 0, row_max, 1.0)  # the kernel's P is exp2(s - m + 8): 256 at the row max
+    probs_fp8 = (probs * gain).to(torch.float8_e4m3fn).float() / gain
+    out = torch.matmul(probs_fp8, vd[:, :, None])
+    return out.reshape(batch, num_q_heads, seq_q, head_dim).to(q.dtype)

@@ -9,7 +9,13 @@ from __future__ import annotations
 import torch
 import triton
 
-from .._runtime import autotune_enabled, check_tile_size, interpreter_enabled, next_power_of_2, patch_interpreter_bf16
+from .._runtime import (
+    autotune_enabled,
+    check_tile_size,
+    interpreter_enabled,
+    next_power_of_2,
+    patch_interpreter_low_precision,
+)
 from ..dense.attention import check_attention_inputs, empty_hf_output, key_padding_arg, unit_last_stride
 from .blocks import BlockSelection, num_blocks
 from .fwd import _block_sparse_fwd_kernel, _block_target_kernel
@@ -19,7 +25,7 @@ DEFAULT_BLOCK_SIZE = 64
 _LAUNCH_CONFIGS = [(4, 3), (4, 2), (8, 3), (4, 4)]
 _AUTOTUNE_KEY = ["seq_bucket", "HEAD_DIM", "BLOCK", "CAUSAL", "HAS_KEY_PADDING"]
 if interpreter_enabled():
-    patch_interpreter_bf16()
+    patch_interpreter_low_precision()
 
 
 def _tuned(kernel, key):

@@ -1,0 +1,211 @@
+"""FP8 (e4m3) attention forward, FlashAttention-3 style: both matrix products on the FP8 tensor cores.
+
+Scaling (all scales fp32, ``scale = amax / 448`` so each block uses e4m3's full range):
+
+* Q per block of :data:`FP8_BLOCK` rows of one head, K the same: a (query tile, key tile) pair of the kernel, whose
+  tiles are those blocks, folds both scales into the softmax scale, so the inner loop pays nothing for them.
+* V per channel (``d``) of one head, over the whole sequence: the scale factors out of ``P V`` and is applied once to
+  the output. V is stored transposed, ``(B, H, D, S)``, because Hopper's FP8 MMA reads both operands K-major.
+* P is cast to e4m3 with a gain of ``2**8`` (P in ``[0, 256]``), so probabilities down to ``2**-17`` of the row
+  maximum survive instead of flushing below e4m3's smallest subnormal ``2**-9``.
+
+Forward only (no autograd), and only where TMA is available (Hopper and newer, or the interpreter when tests force it).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._runtime import ensure_triton_allocator, interpreter_enabled, next_power_of_2, tma_usable
+from .attention import check_attention_inputs, empty_hf_output, key_padding_arg, unit_last_stride
+from .fwd import attn_fwd_finish, attn_fwd_key_range, attn_fwd_scores, attn_fwd_update, kv_tile_source
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+FP8_BLOCK = 128  # rows per Q/K scale block, and the kernel's query and key tile
+_P_GAIN_LOG2 = tl.constexpr(8)
+_INTERPRETER_BLOCK = 16
+
+
+@triton.jit
+def _quantize_rows_kernel(X, Xq, Scale, stride_xb, stride_xh, stride_xs, num_heads, seq, HEAD_DIM: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+    """One block of ``BLOCK_S`` rows of one head: its amax scale, and the rows in e4m3 (contiguous output)."""
+    start = tl.program_id(0) * BLOCK_S
+    bh = tl.program_id(1)
+    rows = start + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < seq) & (offs_d[None, :] < HEAD_DIM)
+    base = X + (bh // num_heads) * stride_xb + (bh % num_heads) * stride_xh
+    x = tl.load(base + rows[:, None] * stride_xs + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(x), 1), 0)
+    scale = tl.where(amax > 0.0, amax / 448.0, 1.0)
+    tl.store(Xq + (bh * seq + rows[:, None]) * HEAD_DIM + offs_d[None, :], (x / scale).to(Xq.dtype.element_ty),
+             mask=mask)  # fmt: skip
+    tl.store(Scale + bh * tl.num_programs(0) + tl.program_id(0), scale)
+
+
+@triton.jit
+def _quantize_transposed_kernel(X, Xq, Scale, stride_xb, stride_xh, stride_xs, num_heads, seq, seq_padded,
+                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+    """``BLOCK_S`` rows of one head divided by the head's per-channel ``Scale``, written transposed to ``(D, S)``."""
+    start = tl.program_id(0) * BLOCK_S
+    bh = tl.program_id(1)
+    rows = start + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < seq) & (offs_d[None, :] < HEAD_DIM)
+    base = X + (bh // num_heads) * stride_xb + (bh % num_heads) * stride_xh
+    x = tl.load(base + rows[:, None] * stride_xs + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(Scale + bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=1.0)
+    xq = (x / scale[None, :]).to(Xq.dtype.element_ty)
+    tl.store(Xq + (bh * HEAD_DIM + offs_d[None, :]) * seq_padded + rows[:, None], xq, mask=mask)
+
+
+def quantize_blocks(x: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x (B, H, S, D)`` -> e4m3 ``(B, H, S, D)`` (contiguous) and fp32 scales ``(B, H, ceil(S / block))``, one per
+    block of ``block`` rows: ``x ≈ x_fp8 * scale`` row-block-wise."""
+    batch, heads, seq, head_dim = x.shape
+    x = unit_last_stride(x)
+    out = torch.empty(batch, heads, seq, head_dim, device=x.device, dtype=FP8_DTYPE)
+    scales = torch.empty(batch, heads, triton.cdiv(seq, block), device=x.device, dtype=torch.float32)
+    _quantize_rows_kernel[(scales.shape[2], batch * heads)](
+        x, out, scales, x.stride(0), x.stride(1), x.stride(2), heads, seq,
+        HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), BLOCK_S=block,
+    )  # fmt: skip
+    return out, scales
+
+
+def quantize_channels_transposed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x (B, H, S, D)`` -> e4m3 ``x^T (B, H, D, S_pad)`` (``S`` padded to 16 for TMA's stride alignment; the padding
+    is never read) and fp32 per-channel scales ``(B, H, D)``: ``x[..., s, d] ≈ x_fp8[..., d, s] * scale[..., d]``."""
+    batch, heads, seq, head_dim = x.shape
+    x = unit_last_stride(x)
+    amax = x.abs().amax(dim=2).float()
+    scales = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).contiguous()
+    seq_padded = triton.cdiv(seq, 16) * 16
+    out = torch.empty(batch, heads, head_dim, seq_padded, device=x.device, dtype=FP8_DTYPE)
+    block = _INTERPRETER_BLOCK if interpreter_enabled() else 64
+    _quantize_transposed_kernel[(triton.cdiv(seq, block), batch * heads)](
+        x, out, scales, x.stride(0), x.stride(1), x.stride(2), heads, seq, seq_padded,
+        HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), BLOCK_S=block,
+    )  # fmt: skip
+    return out, scales
+
+
+@triton.jit
+def _fp8_tile_range(acc, m_i, l_i, q, k_src, v_src, kpad_base, KScale, lo, hi, offs_m, offs_n, offs_d, seq_k,
+                    causal_offset, q_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    MASK_CAUSAL: tl.constexpr, MASK_SEQ_END: tl.constexpr, HAS_KEY_PADDING: tl.constexpr):  # fmt: skip
+    """Key tiles ``[lo, hi)`` of the skeleton's loop, each with its own softmax scale (Q and K block scales folded)."""
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        s = attn_fwd_scores(
+            q, k_src, kpad_base, start_n, offs_m, offs_n, offs_d, 0, seq_k, causal_offset,
+            HEAD_DIM, BLOCK_D, MASK_CAUSAL, MASK_SEQ_END, HAS_KEY_PADDING,
+        )  # fmt: skip
+        tile_scale = q_scale * tl.load(KScale + start_n // BLOCK_N)
+        acc, m_i, l_i = attn_fwd_update(
+            acc, m_i, l_i, s, v_src, start_n, offs_n, offs_d, 0, seq_k, tile_scale,
+            HEAD_DIM, BLOCK_D, MASK_SEQ_END, MASK_CAUSAL or MASK_SEQ_END or HAS_KEY_PADDING, 0, _P_GAIN_LOG2, True,
+        )  # fmt: skip
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _dense_fwd_fp8_kernel(
+    Q8, K8, Vt8, QScale, KScale, VScale, KPAD, Out, LSE,
+    stride_ob, stride_oh, stride_om,
+    stride_kpad_b,
+    num_q_heads, num_kv_heads, group_size, seq_q, seq_k, seq_k_padded, scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KEY_PADDING: tl.constexpr,
+):  # fmt: skip
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # heavy causal tiles first, as the bf16 kernel
+    bh = tl.program_id(1)
+    batch = bh // num_q_heads
+    q_head = bh % num_q_heads
+    kv_bh = batch * num_kv_heads + q_head // group_size
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_src = kv_tile_source(Q8 + bh * seq_q * HEAD_DIM, seq_q, HEAD_DIM, HEAD_DIM, BLOCK_M, BLOCK_D, True)
+    k_src = kv_tile_source(K8 + kv_bh * seq_k * HEAD_DIM, seq_k, HEAD_DIM, HEAD_DIM, BLOCK_N, BLOCK_D, True)
+    v_src = tl.make_tensor_descriptor(
+        Vt8 + kv_bh * HEAD_DIM * seq_k_padded, shape=[HEAD_DIM, seq_k], strides=[seq_k_padded, 1],
+        block_shape=[BLOCK_D, BLOCK_N],
+    )  # fmt: skip
+    q = q_src.load([start_m, 0])
+    q_scale = tl.load(QScale + bh * tl.num_programs(0) + start_m // BLOCK_M) * scale * 1.4426950408889634
+    k_scale_base = KScale + kv_bh * tl.cdiv(seq_k, BLOCK_N)
+    kpad_base = KPAD + batch * stride_kpad_b
+
+    causal_offset = seq_k - seq_q
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full_hi, hi = attn_fwd_key_range(start_m, seq_k, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
+    acc, m_i, l_i = _fp8_tile_range(
+        acc, m_i, l_i, q, k_src, v_src, kpad_base, k_scale_base, 0, full_hi, offs_m, offs_n, offs_d, seq_k,
+        causal_offset, q_scale, HEAD_DIM, BLOCK_N, BLOCK_D, False, False, HAS_KEY_PADDING,
+    )  # fmt: skip
+    acc, m_i, l_i = _fp8_tile_range(
+        acc, m_i, l_i, q, k_src, v_src, kpad_base, k_scale_base, full_hi, hi, offs_m, offs_n, offs_d, seq_k,
+        causal_offset, q_scale, HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, HAS_KEY_PADDING,
+    )  # fmt: skip
+
+    out, lse = attn_fwd_finish(acc, m_i, l_i)
+    out = out * tl.load(VScale + kv_bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)[None, :]
+    lse = lse - _P_GAIN_LOG2 * 0.6931471805599453  # undo P's gain
+    o_desc = kv_tile_source(Out + batch * stride_ob + q_head * stride_oh, seq_q, stride_om, HEAD_DIM, BLOCK_M, BLOCK_D,
+                            True)  # fmt: skip
+    o_desc.store([start_m, 0], out.to(Out.dtype.element_ty))
+    tl.store(LSE + bh * seq_q + offs_m, lse, mask=offs_m < seq_q)
+
+
+def dense_attention_fp8(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """Dense attention with e4m3 inputs and probabilities (see the module docstring); bf16/fp16 in and out, no grad.
+
+    Same contract as :func:`~hf_fastattn.ops.dense.dense_attention` otherwise. Raises RuntimeError where TMA is not
+    available (before Hopper) and ValueError when a gradient is required.
+    """
+    key_padding, scale = check_attention_inputs(q, k, v, key_padding, scale, "dense_attention_fp8")
+    if q.shape[-1] % 16:
+        raise ValueError(f"the FP8 forward needs a head dim divisible by 16 (TMA row alignment), got {q.shape[-1]}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("the FP8 forward has no backward; train with fp8=False")
+    out = empty_hf_output(q)
+    if not tma_usable(q, k, v, out):
+        raise RuntimeError("the FP8 forward needs TMA: a Hopper or newer GPU and 16-byte aligned inputs")
+    ensure_triton_allocator()
+    batch, num_q_heads, seq_q, head_dim = q.shape
+    num_kv_heads, seq_k = k.shape[1], k.shape[2]
+    block = _INTERPRETER_BLOCK if interpreter_enabled() else FP8_BLOCK
+    q8, q_scales = quantize_blocks(q, block)
+    k8, k_scales = quantize_blocks(k, block)
+    vt8, v_scales = quantize_channels_transposed(v)
+    lse = torch.empty(batch, num_q_heads, seq_q, device=q.device, dtype=torch.float32)
+    kpad, stride_kpad = key_padding_arg(None if key_padding is None else key_padding.view(torch.uint8), q)
+    _dense_fwd_fp8_kernel[(q_scales.shape[2], batch * num_q_heads)](
+        q8, k8, vt8, q_scales, k_scales, v_scales, kpad, out, lse,
+        out.stride(0), out.stride(1), out.stride(2), stride_kpad,
+        num_q_heads, num_kv_heads, num_q_heads // num_kv_heads, seq_q, seq_k, vt8.shape[3], scale,
+        HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), BLOCK_M=block, BLOCK_N=block, CAUSAL=bool(causal),
+        HAS_KEY_PADDING=key_padding is not None, num_warps=4 if interpreter_enabled() else 8, num_stages=2,
+    )  # fmt: skip
+    return (out, lse) if return_lse else out
