@@ -123,6 +123,8 @@ def selftest(tolerance: float = 1e-4) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     """``hf-fastattn eval <task>``; bad input ends with a one-line message and exit code 2, not a traceback."""
+    from accelerate import PartialState
+
     from hf_fastattn.assets import AssetUnavailable
     from hf_fastattn.evaluation.suite import DEFAULTS, run_eval
 
@@ -143,8 +145,9 @@ def evaluate(args: argparse.Namespace) -> int:
         )
     except (AssetUnavailable, ValueError, OSError, ImportError) as error:
         return _user_error(f"eval {args.task}", error)
-    print(result["summary"])
-    print(f"\nresults, summary and plots written to {result['output_dir']}")
+    if PartialState().is_main_process:  # under `accelerate launch`, the process that wrote the files
+        print(result["summary"])
+        print(f"\nresults, summary and plots written to {result['output_dir']}")
     return 0
 
 
@@ -181,6 +184,8 @@ def train_gates(args: argparse.Namespace) -> int:
     """``hf-fastattn train-gates``: SeerAttention gates, from a config file and/or flags, saved as an artifact."""
     import dataclasses
 
+    from accelerate import PartialState
+
     from hf_fastattn import ArtifactError
     from hf_fastattn.assets import AssetUnavailable
     from hf_fastattn.training import GateTrainingConfig
@@ -195,7 +200,8 @@ def train_gates(args: argparse.Namespace) -> int:
         gates = run_training(config=config)
     except (AssetUnavailable, ArtifactError, ValueError, TypeError, OSError) as error:
         return _user_error("train-gates", error)
-    print(f"gates written to {gates}; use patch(model, 'seer', gates='{gates}') or --config seer.gates={gates}")
+    if PartialState().is_main_process:  # under `accelerate launch`, the process that wrote the gates
+        print(f"gates written to {gates}; use patch(model, 'seer', gates='{gates}') or --config seer.gates={gates}")
     return 0
 
 

@@ -31,7 +31,8 @@ class LayerState(nn.Module):
         self.config = dict(config or {})
         self.decode = _decode_setting(spec, self.config.pop("decode", None))
         # Realised-work counters a method accumulates (e.g. BSFA's skipped tiles): device tensors, so nothing
-        # synchronises, or plain ints for counts known on the host; not saved.
+        # synchronises, or plain ints for counts known on the host; not saved. Sums only: a sharded evaluation adds
+        # up the processes' counters (hf_fastattn._distributed).
         self.counters: dict[str, torch.Tensor | int] = {}
 
     def reset_statistics(self) -> None:

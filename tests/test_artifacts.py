@@ -29,7 +29,7 @@ def tiny_llama(layers=3, heads=2, kv_heads=1):
 def calibrated(model=None):
     """A patched model with per-layer methods, configs and tensors, as a calibration would leave it."""
     model = model if model is not None else tiny_llama()
-    hf_fastattn.patch(model, "dense", layers={1: "sdpa", 2: ("dense", {"block": 32})}, block=64, tau=0.5)
+    hf_fastattn.patch(model, "dense", layers={1: "sdpa", 2: ("dense", {"fast_exp": False})}, fast_exp="all", fp8=False)
     states = hf_fastattn.layer_states(model)
     states[0].set_tensor("thresholds", torch.tensor([0.1, 0.2, 0.3], device=DEVICE))
     states[0].set_tensor("counts", torch.arange(4, device=DEVICE))
@@ -84,9 +84,9 @@ def test_config_json_contents(artifact):
     assert config["format_version"] == FORMAT_VERSION
     assert config["metadata"] == {"dataset": "wikitext", "samples": 8}
     assert config["layers"] == [
-        {"index": 0, "method": "dense", "config": {"block": 64, "tau": 0.5}},
-        {"index": 1, "method": "sdpa", "config": {"block": 64, "tau": 0.5}},
-        {"index": 2, "method": "dense", "config": {"block": 32, "tau": 0.5}},
+        {"index": 0, "method": "dense", "config": {"fast_exp": "all", "fp8": False}},
+        {"index": 1, "method": "sdpa", "config": {"fast_exp": "all", "fp8": False}},
+        {"index": 2, "method": "dense", "config": {"fast_exp": False, "fp8": False}},
     ]
     assert config["fingerprint"] == model_fingerprint(model)
     assert config["fingerprint"]["attention_layers"] == 3

@@ -12,6 +12,7 @@ bucket of position within the window: sparse attention tends to lose quality at 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from .._distributed import run_sharded
 from .records import Measure, attention_summary, environment
 
 
@@ -72,22 +73,36 @@ def perplexity(
     bucket_scored = torch.zeros(num_buckets, dtype=torch.int64)
 
     parameter = next(model.parameters())
+
+    def score_batch(batch: list[_Window]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each window's scored tokens: their position buckets and NLL (float64), on the CPU."""
+        input_ids = torch.tensor([prefix + token_ids[w.begin : w.end] for w in batch], device=parameter.device)
+        logits = model(input_ids=input_ids, use_cache=False).logits
+        scored = []
+        for row, window in enumerate(batch):
+            positions, nll = _scored_nll(logits[row], input_ids[row], window.target_length)
+            buckets = positions // bucket_size if bucket_size else torch.zeros_like(positions)
+            scored.append((buckets.cpu(), nll.double().cpu()))
+        return scored
+
     was_training = model.training
     model.eval()
     try:
-        with Measure() as measure, torch.no_grad(), tqdm(total=len(windows), disable=not progress) as bar:
-            bar.set_description(f"perplexity @ {context_length}")
-            for batch in _batches(windows, batch_size):
-                input_ids = torch.tensor([prefix + token_ids[w.begin : w.end] for w in batch], device=parameter.device)
-                logits = model(input_ids=input_ids, use_cache=False).logits
-                for row, window in enumerate(batch):
-                    positions, nll = _scored_nll(logits[row], input_ids[row], window.target_length)
-                    buckets = (positions // bucket_size if bucket_size else torch.zeros_like(positions)).cpu()
-                    bucket_nll.index_add_(0, buckets, nll.double().cpu())
-                    bucket_scored.index_add_(0, buckets, torch.ones_like(buckets))
-                bar.update(len(batch))
+        with Measure() as measure, torch.no_grad():
+            # A batch is the unit of work: under ``accelerate launch`` the processes share the batches out.
+            scored_batches = run_sharded(
+                list(_batches(windows, batch_size)),
+                score_batch,
+                model,
+                describe=lambda _: f"perplexity @ {context_length}",
+                progress=progress,
+            )
     finally:
         model.train(was_training)
+    # Summed in window order, whichever process scored a window: the float sums of a single process.
+    for buckets, nll in itertools.chain.from_iterable(scored_batches):
+        bucket_nll.index_add_(0, buckets, nll)
+        bucket_scored.index_add_(0, buckets, torch.ones_like(buckets))
 
     scored_tokens = int(bucket_scored.sum())
     mean_nll = float(bucket_nll.sum()) / scored_tokens

@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from .._distributed import run_sharded
 from .metrics import load_metric
 from .records import Measure, attention_summary, environment
 
@@ -325,48 +325,51 @@ def _run_grid(
     progress: bool,
     settings: dict,
 ) -> dict:
-    """Generate and score ``trials`` cases per (context length, depth) cell; see the module docstring."""
+    """Generate and score ``trials`` cases per (context length, depth) cell; see the module docstring.
+
+    Under ``accelerate launch`` the cases are shared out over the processes (``hf_fastattn._distributed``).
+    """
     device = next(model.parameters()).device
-    cells = []
+    # (context length, depth, depth percent, trial), cell by cell.
+    cases = [
+        (context_length, depth, depth_percent, trial)
+        for context_length in context_lengths
+        for depth, depth_percent in zip(depths, depth_percents)
+        for trial in range(trials)
+    ]
+
+    def run_case(case: tuple) -> dict:
+        context_length, depth, _, trial = case
+        prompt, answer = build(context_length, depth, _case_rng(task, seed, context_length, depth, trial))
+        response, prompt_tokens = greedy_continuation(model, tokenizer, prompt, max_new_tokens, device)
+        correct = is_correct(answer, response)
+        return {"answer": answer, "response": response, "correct": correct, "prompt_tokens": prompt_tokens}
+
     was_training = model.training
     model.eval()
     try:
-        with (
-            Measure() as measure,
-            torch.no_grad(),
-            tqdm(total=len(context_lengths) * len(depths) * trials, disable=not progress) as bar,
-        ):
-            for context_length in context_lengths:
-                bar.set_description(f"{task} @ {context_length}")
-                for depth, depth_percent in zip(depths, depth_percents):
-                    responses = []
-                    for trial in range(trials):
-                        rng = _case_rng(task, seed, context_length, depth, trial)
-                        prompt, answer = build(context_length, depth, rng)
-                        response, prompt_tokens = greedy_continuation(model, tokenizer, prompt, max_new_tokens, device)
-                        responses.append(
-                            {
-                                "answer": answer,
-                                "response": response,
-                                "correct": is_correct(answer, response),
-                                "prompt_tokens": prompt_tokens,
-                            }
-                        )
-                        bar.update()
-                    correct = sum(entry["correct"] for entry in responses)
-                    cells.append(
-                        {
-                            "context_length": context_length,
-                            "depth_percent": depth_percent,
-                            "trials": trials,
-                            "correct": correct,
-                            "score": correct / trials,
-                            "responses": responses,
-                        }
-                    )
+        with Measure() as measure, torch.no_grad():
+            responses = run_sharded(
+                cases, run_case, model, describe=lambda case: f"{task} @ {case[0]}", progress=progress
+            )
     finally:
         model.train(was_training)
 
+    cells = []
+    for start in range(0, len(cases), trials):
+        context_length, _, depth_percent, _ = cases[start]
+        cell_responses = responses[start : start + trials]
+        correct = sum(entry["correct"] for entry in cell_responses)
+        cells.append(
+            {
+                "context_length": context_length,
+                "depth_percent": depth_percent,
+                "trials": trials,
+                "correct": correct,
+                "score": correct / trials,
+                "responses": cell_responses,
+            }
+        )
     return {
         "task": task,
         "cells": cells,

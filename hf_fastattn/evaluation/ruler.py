@@ -41,8 +41,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from .._distributed import run_sharded
 from .metrics import load_metric
 from .records import Measure, attention_summary, environment
 from .retrieval import greedy_continuation
@@ -158,40 +158,37 @@ def ruler_lite(
                 for rng in (_sample_rng(task, seed, context_length, index) for index in range(samples))
             ]
 
+    # (task, context length, prompt, references), cell by cell: under ``accelerate launch`` the processes share them.
+    samples_to_run = [
+        (*cell, prompt, references) for cell, cell_cases in cases.items() for prompt, references in cell_cases
+    ]
     device = next(model.parameters()).device
-    cells = []
+
+    def run_sample(sample: tuple) -> dict:
+        _, _, prompt, references = sample
+        prediction, prompt_tokens = _greedy_continuation(model, tokenizer, prompt, tokens_to_generate, device)
+        score = string_match_all([prediction], [references])
+        return {"references": references, "prediction": prediction, "score": score, "prompt_tokens": prompt_tokens}
+
     was_training = model.training
     model.eval()
     try:
-        with Measure() as measure, torch.no_grad(), tqdm(total=len(cases) * samples, disable=not progress) as bar:
-            for (task, context_length), cell_cases in cases.items():
-                bar.set_description(f"{task} @ {context_length}")
-                records = []
-                for prompt, references in cell_cases:
-                    prediction, prompt_tokens = _greedy_continuation(
-                        model, tokenizer, prompt, tokens_to_generate, device
-                    )
-                    records.append(
-                        {
-                            "references": references,
-                            "prediction": prediction,
-                            "score": string_match_all([prediction], [references]),
-                            "prompt_tokens": prompt_tokens,
-                        }
-                    )
-                    bar.update()
-                cells.append(
-                    {
-                        "task": task,
-                        "context_length": context_length,
-                        "score": string_match_all(
-                            [record["prediction"] for record in records], [record["references"] for record in records]
-                        ),
-                        "samples": records,
-                    }
-                )
+        with Measure() as measure, torch.no_grad():
+            records = run_sharded(
+                samples_to_run,
+                run_sample,
+                model,
+                describe=lambda sample: f"{sample[0]} @ {sample[1]}",
+                progress=progress,
+            )
     finally:
         model.train(was_training)
+
+    cells = []
+    for cell_index, (task, context_length) in enumerate(cases):
+        cell_records = records[cell_index * samples : (cell_index + 1) * samples]
+        score = string_match_all([r["prediction"] for r in cell_records], [r["references"] for r in cell_records])
+        cells.append({"task": task, "context_length": context_length, "score": score, "samples": cell_records})
 
     scores = {task: {} for task in tasks}
     for cell in cells:

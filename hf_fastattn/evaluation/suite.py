@@ -16,6 +16,12 @@ they go to ``use`` on top of ``method_config[name]`` (shared settings such as a 
 
 Defaults come from :data:`DEFAULTS`: on a CPU, sizes that finish in a few minutes on 2 cores; on a GPU, the full grid
 (up to SmolLM2's 8k positions). Every default can be overridden by a keyword argument (and a CLI flag).
+
+Under ``accelerate launch --num_processes N`` every process loads the model and the causal tasks' harnesses share
+their cases out (``hf_fastattn._distributed``): records and rows are those of one process on the same seeds, except
+for the timing and memory fields. ``seconds`` is the main process's wall time of the sharded run (so
+``tokens_per_second`` is the throughput of all processes together), ``peak_memory_mib`` its own GPU's peak. Only the
+main process writes files. ``encoder`` is not sharded: every process runs all of it.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ from transformers.image_processing_base import ImageProcessingMixin
 
 import hf_fastattn
 
-from .._io import check_writable
+from .._distributed import process_state
+from .._io import atomic_write, check_writable
 from ..assets.data import load_fashion_mnist, load_text
 from ..assets.models import load_model, model_max_length, resolve_device, resolve_dtype
 from ..patch import use
@@ -211,14 +218,18 @@ def run_eval(
         name.removeprefix("fastattn_"): dict(cfg) for name, cfg in (method_config or {}).items()
     }
     dtype = resolve_dtype(dtype, device)
-    output_dir = check_writable(output_dir or Path("eval_results") / task)
+    state = process_state(device)
+    output_dir = Path(output_dir or Path("eval_results") / task)
+    if state.is_main_process:  # the only one that writes
+        check_writable(output_dir)
+    progress = progress and state.is_main_process
 
     run = _run_encoder if task == "encoder" else functools.partial(_run_causal, task)
     rows, records = run(settings, labels, text, text_file, seed, device, dtype, progress)
 
     settings["model"] = _describe_models(settings["model"])
     payload = {
-        "environment": environment(),
+        "environment": {**environment(), "processes": state.num_processes},
         "task": task,
         "settings": {
             **settings,
@@ -232,9 +243,10 @@ def run_eval(
         "records": records,
     }
     summary = summary_table(rows, payload["environment"])
-    write_json(output_dir / f"{task}.json", payload)
-    (output_dir / "summary.md").write_text(summary + "\n", encoding="utf-8")
-    _save_plots(task, rows, records, output_dir)
+    if state.is_main_process:
+        write_json(output_dir / f"{task}.json", payload)
+        atomic_write(output_dir / "summary.md", lambda path: Path(path).write_text(summary + "\n", encoding="utf-8"))
+        _save_plots(task, rows, records, output_dir)
     return {**payload, "summary": summary, "output_dir": output_dir}
 
 
@@ -738,10 +750,11 @@ def _row(task, label, implementation, *, context_length, metric, quality, densit
 
 
 def summary_table(rows: list[dict], env: dict) -> str:
-    """Markdown: a line with the versions and device, then one table row per result row."""
+    """Markdown: a line with the versions and device (and process count, if several), then one row per result row."""
+    processes = f" × {env['processes']} processes" if env.get("processes", 1) > 1 else ""
     header = (
         f"hf_fastattn {env['hf_fastattn']} · torch {env['torch']} · triton {env['triton'] or 'n/a'} · "
-        f"transformers {env['transformers']} · {env['gpu']} · {env['date']}"
+        f"transformers {env['transformers']} · {env['gpu']}{processes} · {env['date']}"
     )
     lines = [
         header,

@@ -7,18 +7,22 @@ each GQA group and row-normalised. The loss is the KL divergence from that targe
 averaged over query-block rows, summed over layers. The first ``skip_first_fraction`` of query-block rows (a quarter,
 as in SeerAttention) carry no loss: their rows have few blocks and an easy, noisy target.
 
-Scaling out is ``accelerate launch``'s job: :class:`GateTrainingConfig` holds the *global* batch, and the gradient
-accumulation is derived from the number of processes, so the effective batch does not depend on how many GPUs run.
-Only the main process writes the gate artifact, atomically (``hf_fastattn.save_state``).
+Scaling out is ``accelerate launch``'s job: DDP (``recipes/accelerate/2gpu.yaml``), or FSDP2 for a model too large to
+replicate (``recipes/accelerate/2gpu_fsdp.yaml``; FSDP1 is refused). :class:`GateTrainingConfig` holds the *global*
+batch, and the gradient accumulation is derived from the number of processes, so the effective batch does not depend
+on how many processes run. Only the main process writes the gate artifact, into a new folder that then replaces
+``<output_dir>/gates`` whole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,17 +188,18 @@ def train_gates(
     ``config.resume`` a run continues from the newest one. The artifact is ``<output_dir>/gates``: load it with
     ``hf_fastattn.patch(model, "seer", gates=...)``.
     """
-    from accelerate import PartialState
     from transformers import TrainingArguments, default_data_collator, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
+    from .._distributed import process_state
+    from .._io import replaced_directory
     from ..artifacts import save_state
     from ..assets.models import load_model, resolve_device, resolve_dtype
 
     config = config or GateTrainingConfig()
-    state = PartialState()
+    device = resolve_device(config.device) if model is None else next(model.parameters()).device
+    state = process_state(device)
     if model is None:
-        device = state.device if config.device is None else resolve_device(config.device)
         model, tokenizer = load_model(config.model, dtype=resolve_dtype(config.dtype, device), device=device)
     if dataset is None:
         dataset = _windows_dataset(tokenizer, config)
@@ -222,12 +227,19 @@ def train_gates(
         report_to=[],
         disable_tqdm=not config.progress,
         remove_unused_columns=False,
-        use_cpu=next(model.parameters()).device.type == "cpu",
+        # Every gate trains in every forward, but through the loss sink, not the model's outputs: DDP's search for
+        # unused parameters starts from the outputs, so it would mark every gate unused (then ready twice).
+        ddp_find_unused_parameters=False,
+        use_cpu=device.type == "cpu",
         **config.extra_training_arguments,
     )
     trainer = _trainer_class()(
         model=model, args=arguments, train_dataset=dataset, data_collator=default_data_collator, gate_loss=gate_loss
     )
+    if trainer.is_fsdp_enabled and not trainer.accelerator.is_fsdp2:
+        # FSDP1 flattens each wrapped layer's parameters into one tensor of one dtype: the fp32 gates sit beside the
+        # model's bf16 weights.
+        raise ValueError("gate training under FSDP needs fsdp_version: 2 (see recipes/accelerate/2gpu_fsdp.yaml)")
     checkpoint = get_last_checkpoint(str(output_dir)) if config.resume and output_dir.is_dir() else None
     start = time.perf_counter()
     try:
@@ -236,24 +248,51 @@ def train_gates(
         for layer in layer_states(model):
             delattr(layer, GATE_LOSS_SINK)
     gates_dir = output_dir / GATES_DIRNAME
-    if trainer.is_world_process_zero():
-        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        metadata = {
-            "seer_gate_version": GATE_FORMAT_VERSION,
-            "training": {
-                **{k: v for k, v in dataclasses.asdict(config).items() if k != "extra_training_arguments"},
-                "processes": state.num_processes,
-                "steps": trainer.state.global_step,
-                "resumed_from": checkpoint,
-                "seconds": time.perf_counter() - start,
-                "train_loss": result.training_loss,
-                "first_logged_loss": losses[0] if losses else None,
-                "last_logged_loss": losses[-1] if losses else None,
-            },
-        }
-        save_state(model, gates_dir, metadata=metadata)
+    with _whole_gates(model):
+        if trainer.is_world_process_zero():
+            losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+            metadata = {
+                "seer_gate_version": GATE_FORMAT_VERSION,
+                "training": {
+                    **{k: v for k, v in dataclasses.asdict(config).items() if k != "extra_training_arguments"},
+                    "processes": state.num_processes,
+                    "steps": trainer.state.global_step,
+                    "resumed_from": checkpoint,
+                    "seconds": time.perf_counter() - start,
+                    "train_loss": result.training_loss,
+                    "first_logged_loss": losses[0] if losses else None,
+                    "last_logged_loss": losses[-1] if losses else None,
+                },
+            }
+            with replaced_directory(gates_dir) as staging:
+                save_state(model, staging, metadata=metadata)
     state.wait_for_everyone()
     return gates_dir
+
+
+@contextlib.contextmanager
+def _whole_gates(model: nn.Module) -> Iterator[None]:
+    """The gates' parameters whole inside the block, every process taking part in gathering them.
+
+    Under FSDP2 each process holds a shard of every parameter (a ``DTensor``). Only the gates are gathered, not the
+    model (that might not fit on one GPU); the shards are back in place after the block. Without FSDP: nothing to do.
+    """
+    from torch.distributed.tensor import DTensor
+
+    sharded = [
+        (module, name, parameter)
+        for layer in layer_states(model)
+        for module in layer.gate.modules()
+        for name, parameter in module.named_parameters(recurse=False)
+        if isinstance(parameter, DTensor)
+    ]
+    for module, name, parameter in sharded:
+        setattr(module, name, nn.Parameter(parameter.full_tensor(), requires_grad=False))
+    try:
+        yield
+    finally:
+        for module, name, parameter in sharded:
+            setattr(module, name, parameter)
 
 
 def _windows_dataset(tokenizer, config: GateTrainingConfig):

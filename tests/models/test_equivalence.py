@@ -232,9 +232,9 @@ class AttentionSpy:
         decode_attention_module = hf_fastattn.ops.decode.attention
         decode_fwd = decode_attention_module.decode_fwd
 
-        def spy_fwd(q, k, v, key_padding, causal, scale):
+        def spy_fwd(q, k, v, key_padding, causal, scale, fast_exp=0):
             self.kernel_fwd.append((tuple(q.shape), tuple(k.shape), key_padding is not None, causal))
-            return fwd(q, k, v, key_padding, causal, scale)
+            return fwd(q, k, v, key_padding, causal, scale, fast_exp)
 
         def spy_decode(q, k, v, key_padding, scale, plan):
             self.kernel_fwd.append((tuple(q.shape), tuple(k.shape), key_padding is not None, True))

@@ -152,11 +152,12 @@ def _fp8_errors(batch, q_heads, kv_heads, seq_q, seq_k, head_dim, causal, pad, s
 )
 def test_fp8_forward_has_fp8_sized_error(tma, shape):
     """The kernel's error against exact attention is what e4m3 rounding of Q, K, V and P explains: within 1.5x of the
-    emulated reference's, and close to that reference (which rounds P against the final, not the running, maximum)."""
+    emulated reference's; its distance to that reference (which rounds P against the final, not the running, row
+    maximum) is of the same size, not larger (a wrong scale or block index would be)."""
     out, kernel_err, emulated_err, gap = _fp8_errors(*shape)
     assert torch.isfinite(out).all()
     assert kernel_err <= 1.5 * emulated_err + 0.01, (kernel_err, emulated_err)
-    assert gap <= 0.05, gap
+    assert gap <= emulated_err + 0.01, (gap, emulated_err)
     if shape[-1] == "full":
         assert (out[0] == 0).all()
 
@@ -181,7 +182,7 @@ class TestHopperGPU:
     def test_fp8_forward_realistic(self, causal, head_dim):
         _, kernel_err, emulated_err, gap = _fp8_errors(2, 16, 4, 2047, 2047, head_dim, causal, "left")
         assert kernel_err <= 1.5 * emulated_err + 0.01, (kernel_err, emulated_err)
-        assert gap <= 0.05, gap
+        assert gap <= emulated_err + 0.01, (gap, emulated_err)
 
     @pytest.mark.parametrize("fast_exp", ["half", "all"])
     def test_fast_exp_realistic(self, fast_exp):

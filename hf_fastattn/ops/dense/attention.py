@@ -31,11 +31,13 @@ if interpreter_enabled():
 # Tiles as (BLOCK_M, BLOCK_N, num_warps, num_stages): the measured H100 winners (bf16, d64/d128, N 1k-32k) plus
 # smaller ones for short sequences and head dim 256. The first is the default when autotuning is off.
 _FWD_TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)]
-_DKDV_TILES = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2)]
-_DQ_TILES = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
+_DKDV_TILES = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2), (64, 128, 8, 2), (128, 128, 8, 2)]
+_DQ_TILES = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (128, 128, 8, 2), (128, 64, 8, 2)]
 # The forward also tries each tile with K/V read through TMA descriptors (5th element: USE_TMA) where the GPU and the
 # tensors allow it (``tma_ok``): faster at d128 non-causal, slower at d64 (benchmarks/NOTES.md), so autotuning picks.
-_FWD_TMA_TILES = [(*tile, use_tma) for use_tma in (False, True) for tile in [*_FWD_TILES, (128, 128, 8, 2)]]
+_FWD_TMA_TILES = [
+    (*tile, use_tma) for use_tma in (False, True) for tile in [*_FWD_TILES, (128, 128, 8, 2), (128, 64, 8, 4)]
+]
 _LARGE_HEAD_DIM_MAX_TILE = 64 * 64  # BLOCK_M * BLOCK_N that still fits shared memory at head dim 256
 _AUTOTUNE_KEY = ["seq_k_bucket", "HEAD_DIM", "CAUSAL", "HAS_KEY_PADDING"]
 _FWD_AUTOTUNE_KEY = [*_AUTOTUNE_KEY, "tma_ok", "FAST_EXP"]

@@ -119,6 +119,7 @@ def _dense_fwd_fp8_kernel(
     stride_ob, stride_oh, stride_om,
     stride_kpad_b,
     num_q_heads, num_kv_heads, group_size, seq_q, seq_k, seq_k_padded, scale,
+    seq_k_bucket,  # autotune key only
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -169,6 +170,13 @@ def _dense_fwd_fp8_kernel(
     tl.store(LSE + bh * seq_q + offs_m, lse, mask=offs_m < seq_q)
 
 
+# The tiles are the scale blocks (FP8_BLOCK); warps and pipeline depth are tuned per shape bucket.
+_fp8_tuned = triton.autotune(
+    [triton.Config({}, num_warps=warps, num_stages=stages) for warps in (4, 8) for stages in (2, 3, 4)],
+    key=["seq_k_bucket", "HEAD_DIM", "CAUSAL", "HAS_KEY_PADDING"],
+)(_dense_fwd_fp8_kernel)
+
+
 def dense_attention_fp8(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -201,11 +209,13 @@ def dense_attention_fp8(
     vt8, v_scales = quantize_channels_transposed(v)
     lse = torch.empty(batch, num_q_heads, seq_q, device=q.device, dtype=torch.float32)
     kpad, stride_kpad = key_padding_arg(None if key_padding is None else key_padding.view(torch.uint8), q)
-    _dense_fwd_fp8_kernel[(q_scales.shape[2], batch * num_q_heads)](
+    kernel, launch = (_dense_fwd_fp8_kernel, {"num_warps": 4}) if interpreter_enabled() else (_fp8_tuned, {})
+    kernel[(q_scales.shape[2], batch * num_q_heads)](
         q8, k8, vt8, q_scales, k_scales, v_scales, kpad, out, lse,
         out.stride(0), out.stride(1), out.stride(2), stride_kpad,
         num_q_heads, num_kv_heads, num_q_heads // num_kv_heads, seq_q, seq_k, vt8.shape[3], scale,
+        min(next_power_of_2(seq_k), 1 << 16),
         HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), BLOCK_M=block, BLOCK_N=block, CAUSAL=bool(causal),
-        HAS_KEY_PADDING=key_padding is not None, num_warps=4 if interpreter_enabled() else 8, num_stages=2,
+        HAS_KEY_PADDING=key_padding is not None, **launch,
     )  # fmt: skip
     return (out, lse) if return_lse else out
