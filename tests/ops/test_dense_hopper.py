@@ -13,7 +13,7 @@ from test_dense import DEVICE, HAS_CUDA, assert_within_rule, make_key_padding, m
 from hf_fastattn.ops.dense import dense_attention, dense_attention_reference
 from hf_fastattn.ops.dense.exp2 import kernel_exp2
 from hf_fastattn.ops.dense.fp8 import dense_attention_fp8, quantize_blocks, quantize_channels_transposed
-from hf_fastattn.ops.dense.naive import dense_attention_fp8_reference
+from hf_fastattn.ops.dense.naive import dense_attention_fp8_reference, hadamard_matrix
 
 FP8_TEST_BLOCK = 128 if HAS_CUDA else 16  # the kernel's Q/K block (the interpreter runs 16-row tiles)
 
@@ -137,11 +137,11 @@ def test_quantize_channels_transposed_matches_torch_cast(tma):
     assert torch.equal(xt8[..., :29].view(torch.uint8), expected.view(torch.uint8))
 
 
-def _fp8_errors(batch, q_heads, kv_heads, seq_q, seq_k, head_dim, causal, pad, seed=0):
+def _fp8_errors(batch, q_heads, kv_heads, seq_q, seq_k, head_dim, causal, pad, seed=0, rotate_qk=None):
     q, k, v, _ = make_qkv(batch, q_heads, kv_heads, seq_q, seq_k, head_dim, torch.bfloat16, seed=seed)
-    kw = {"causal": causal, "key_padding": make_key_padding(pad, batch, seq_k, n=seq_k // 3)}
+    kw = {"causal": causal, "key_padding": make_key_padding(pad, batch, seq_k, n=seq_k // 3), "rotate_qk": rotate_qk}
     out = dense_attention_fp8(q, k, v, **kw)
-    exact = dense_attention_reference(q.float(), k.float(), v.float(), **kw)
+    exact = dense_attention_reference(q.float(), k.float(), v.float(), causal=causal, key_padding=kw["key_padding"])
     emulated = dense_attention_fp8_reference(q.float(), k.float(), v.float(), block=FP8_TEST_BLOCK, **kw)
     return out, max_err(out, exact), max_err(emulated, exact), max_err(out, emulated)
 
@@ -150,16 +150,30 @@ def _fp8_errors(batch, q_heads, kv_heads, seq_q, seq_k, head_dim, causal, pad, s
     "shape",
     [(2, 4, 2, 37, 45, 64, True, "left"), (1, 3, 1, 40, 40, 32, False, "holes"), (2, 2, 2, 20, 53, 80, True, "full")],
 )
-def test_fp8_forward_has_fp8_sized_error(tma, shape):
+@pytest.mark.parametrize("rotate_qk", [None, False])
+def test_fp8_forward_has_fp8_sized_error(tma, shape, rotate_qk):
     """The kernel's error against exact attention is what e4m3 rounding of Q, K, V and P explains: within 1.5x of the
     emulated reference's; its distance to that reference (which rounds P against the final, not the running, row
     maximum) is of the same size, not larger (a wrong scale or block index would be)."""
-    out, kernel_err, emulated_err, gap = _fp8_errors(*shape)
+    out, kernel_err, emulated_err, gap = _fp8_errors(*shape, rotate_qk=rotate_qk)
     assert torch.isfinite(out).all()
     assert kernel_err <= 1.5 * emulated_err + 0.01, (kernel_err, emulated_err)
     assert gap <= emulated_err + 0.01, (gap, emulated_err)
     if shape[-1] == "full":
         assert (out[0] == 0).all()
+
+
+def test_quantize_blocks_rotated_matches_torch(tma):
+    x = torch.randn(1, 2, 16, 32, device=DEVICE, dtype=torch.bfloat16)
+    rotation = hadamard_matrix(32, DEVICE)
+    assert torch.equal(rotation @ rotation.T, 32 * torch.eye(32, device=DEVICE))
+    x8, scales = quantize_blocks(x, 16, rotation)
+    rotated = x.float() @ rotation
+    expected_scale = rotated.abs().amax(dim=(-1, -2)) / 448.0
+    torch.testing.assert_close(scales[..., 0], expected_scale)
+    expected = (rotated / expected_scale[..., None, None]).to(torch.float8_e4m3fn).float()
+    # fp32 sums in another order can round a value across an e4m3 boundary: allow one step on a few elements.
+    assert (x8.float() != expected).float().mean() < 0.02
 
 
 def test_fp8_refuses_grad_head_dim_and_missing_tma(monkeypatch):

@@ -6,6 +6,8 @@ Scaling (all scales fp32, ``scale = amax / 448`` so each block uses e4m3's full 
   tiles are those blocks, folds both scales into the softmax scale, so the inner loop pays nothing for them.
 * V per channel (``d``) of one head, over the whole sequence: the scale factors out of ``P V`` and is applied once to
   the output. V is stored transposed, ``(B, H, D, S)``, because Hopper's FP8 MMA reads both operands K-major.
+* Q and K are first multiplied by a ±1 Hadamard matrix (incoherent processing) when the head dim is a power of two;
+  the softmax scale absorbs its factor ``D``.
 * P is cast to e4m3 with a gain of ``2**8`` (P in ``[0, 256]``), so probabilities down to ``2**-17`` of the row
   maximum survive instead of flushing below e4m3's smallest subnormal ``2**-9``.
 
@@ -21,6 +23,7 @@ import triton.language as tl
 from .._runtime import ensure_triton_allocator, interpreter_enabled, next_power_of_2, tma_usable
 from .attention import check_attention_inputs, empty_hf_output, key_padding_arg, unit_last_stride
 from .fwd import attn_fwd_finish, attn_fwd_key_range, attn_fwd_scores, attn_fwd_update, kv_tile_source
+from .naive import hadamard_matrix
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -30,16 +33,24 @@ _INTERPRETER_BLOCK = 16
 
 
 @triton.jit
-def _quantize_rows_kernel(X, Xq, Scale, stride_xb, stride_xh, stride_xs, num_heads, seq, HEAD_DIM: tl.constexpr,
-                          BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
-    """One block of ``BLOCK_S`` rows of one head: its amax scale, and the rows in e4m3 (contiguous output)."""
+def _quantize_rows_kernel(X, Xq, Scale, Rotation, stride_xb, stride_xh, stride_xs, num_heads, seq,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                          ROTATE: tl.constexpr):  # fmt: skip
+    """One block of ``BLOCK_S`` rows of one head (times the ±1 ``Rotation`` when ``ROTATE``): its amax scale, and the
+    rows in e4m3 (contiguous output)."""
     start = tl.program_id(0) * BLOCK_S
     bh = tl.program_id(1)
     rows = start + tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < seq) & (offs_d[None, :] < HEAD_DIM)
     base = X + (bh // num_heads) * stride_xb + (bh % num_heads) * stride_xh
-    x = tl.load(base + rows[:, None] * stride_xs + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(base + rows[:, None] * stride_xs + offs_d[None, :], mask=mask, other=0.0)
+    if ROTATE:
+        # ±1 entries are exact in bf16/fp16, and the products accumulate in fp32.
+        rotation = tl.load(Rotation + offs_d[:, None] * BLOCK_D + offs_d[None, :]).to(x.dtype)
+        x = tl.dot(x, rotation)
+    else:
+        x = x.to(tl.float32)
     amax = tl.max(tl.max(tl.abs(x), 1), 0)
     scale = tl.where(amax > 0.0, amax / 448.0, 1.0)
     tl.store(Xq + (bh * seq + rows[:, None]) * HEAD_DIM + offs_d[None, :], (x / scale).to(Xq.dtype.element_ty),
@@ -63,16 +74,20 @@ def _quantize_transposed_kernel(X, Xq, Scale, stride_xb, stride_xh, stride_xs, n
     tl.store(Xq + (bh * HEAD_DIM + offs_d[None, :]) * seq_padded + rows[:, None], xq, mask=mask)
 
 
-def quantize_blocks(x: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blocks(
+    x: torch.Tensor, block: int = FP8_BLOCK, rotation: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``x (B, H, S, D)`` -> e4m3 ``(B, H, S, D)`` (contiguous) and fp32 scales ``(B, H, ceil(S / block))``, one per
-    block of ``block`` rows: ``x ≈ x_fp8 * scale`` row-block-wise."""
+    block of ``block`` rows: ``x ≈ x_fp8 * scale`` row-block-wise; with ``rotation`` (a ``(D, D)`` ±1 matrix, see
+    :func:`~hf_fastattn.ops.dense.naive.hadamard_matrix`) ``x @ rotation`` is what gets quantised."""
     batch, heads, seq, head_dim = x.shape
     x = unit_last_stride(x)
     out = torch.empty(batch, heads, seq, head_dim, device=x.device, dtype=FP8_DTYPE)
     scales = torch.empty(batch, heads, triton.cdiv(seq, block), device=x.device, dtype=torch.float32)
     _quantize_rows_kernel[(scales.shape[2], batch * heads)](
-        x, out, scales, x.stride(0), x.stride(1), x.stride(2), heads, seq,
-        HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), BLOCK_S=block,
+        x, out, scales, scales if rotation is None else rotation.contiguous(),
+        x.stride(0), x.stride(1), x.stride(2), heads, seq,
+        HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), BLOCK_S=block, ROTATE=rotation is not None,
     )  # fmt: skip
     return out, scales
 
@@ -186,9 +201,13 @@ def dense_attention_fp8(
     scale: float | None = None,
     key_padding: torch.Tensor | None = None,
     return_lse: bool = False,
+    rotate_qk: bool | None = None,
 ):
     """Dense attention with e4m3 inputs and probabilities (see the module docstring); bf16/fp16 in and out, no grad.
 
+    ``rotate_qk`` (default: whenever the head dim is a power of two) multiplies Q and K by a Hadamard matrix before
+    quantising, FlashAttention-3's incoherent processing: ``Q K^T`` is unchanged, but outlier channels are spread over
+    all channels, so their rounding error no longer dominates the scores (SmolLM2: benchmarks/NOTES.md).
     Same contract as :func:`~hf_fastattn.ops.dense.dense_attention` otherwise. Raises RuntimeError where TMA is not
     available (before Hopper) and ValueError when a gradient is required.
     """
@@ -203,9 +222,14 @@ def dense_attention_fp8(
     ensure_triton_allocator()
     batch, num_q_heads, seq_q, head_dim = q.shape
     num_kv_heads, seq_k = k.shape[1], k.shape[2]
+    if rotate_qk is None:
+        rotate_qk = head_dim & (head_dim - 1) == 0
+    rotation = hadamard_matrix(head_dim, q.device) if rotate_qk else None
+    if rotate_qk:
+        scale = scale / head_dim  # Q H (K H)^T = D Q K^T for the ±1 Hadamard matrix H
     block = _INTERPRETER_BLOCK if interpreter_enabled() else FP8_BLOCK
-    q8, q_scales = quantize_blocks(q, block)
-    k8, k_scales = quantize_blocks(k, block)
+    q8, q_scales = quantize_blocks(q, block, rotation)
+    k8, k_scales = quantize_blocks(k, block, rotation)
     vt8, v_scales = quantize_channels_transposed(v)
     lse = torch.empty(batch, num_q_heads, seq_q, device=q.device, dtype=torch.float32)
     kpad, stride_kpad = key_padding_arg(None if key_padding is None else key_padding.view(torch.uint8), q)

@@ -79,6 +79,16 @@ def dense_attention_reference(
     return out, torch.cat(lses, dim=3).reshape(batch, num_q_heads, seq_q).float()
 
 
+def hadamard_matrix(size: int, device=None) -> torch.Tensor:
+    """The ``size x size`` Sylvester Hadamard matrix of ±1 (``H @ H.T == size * I``); ``size`` a power of two."""
+    if size < 1 or size & (size - 1):
+        raise ValueError(f"a Hadamard matrix needs a power-of-two size, got {size}")
+    matrix = torch.ones(1, 1, device=device)
+    while matrix.shape[0] < size:
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
+    return matrix
+
+
 def fp8_round_trip(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x`` quantised to e4m3 with ``scale`` (broadcast against ``x``) and back, in fp32."""
     return (x.float() / scale).to(torch.float8_e4m3fn).float() * scale
@@ -93,10 +103,16 @@ def dense_attention_fp8_reference(
     scale: float | None = None,
     key_padding: torch.Tensor | None = None,
     block: int = 128,
+    rounded: tuple[str, ...] = ("qk", "v", "p"),
+    rotate_qk: bool | None = None,
 ) -> torch.Tensor:
     """What the FP8 forward computes, in fp32: Q and K quantised per ``block`` rows, V per channel, P (with the
     kernel's gain of 2**8) per element before ``P V``. The kernel rounds P against its running row maximum rather than
-    the final one, so it agrees with this to within e4m3 rounding, not bit for bit."""
+    the final one, so it agrees with this to within e4m3 rounding, not bit for bit. ``rounded`` names the operands
+    that go through e4m3 (all of them, as in the kernel, by default); a subset attributes the kernel's error.
+    ``rotate_qk``: Q and K are multiplied by a Hadamard matrix before rounding (FlashAttention-3's incoherent
+    processing: ``Q H (K H)^T = D Q K^T``, with outlier channels spread over all of them); by default, as the kernel
+    does, whenever the head dim is a power of two."""
 
     def per_block(x):
         rows = x.shape[2]
@@ -107,16 +123,26 @@ def dense_attention_fp8_reference(
 
     v_amax = v.float().abs().amax(dim=2, keepdim=True)
     v_scale = torch.where(v_amax > 0, v_amax / 448.0, torch.ones_like(v_amax))
-    qd, kd, vd = per_block(q), per_block(k), fp8_round_trip(v, v_scale)
+    if rotate_qk is None:
+        rotate_qk = q.shape[-1] & (q.shape[-1] - 1) == 0
+    rotation = hadamard_matrix(q.shape[-1], q.device) if rotate_qk else None
+    if rotation is not None:
+        q, k = q.float() @ rotation, k.float() @ rotation
+    qd, kd = (per_block(q), per_block(k)) if "qk" in rounded else (q.float(), k.float())
+    vd = fp8_round_trip(v, v_scale) if "v" in rounded else v.float()
 
     batch, num_q_heads, seq_q, head_dim = q.shape
     num_kv_heads, seq_k = k.shape[1], k.shape[2]
     group = num_q_heads // num_kv_heads
     scale = head_dim**-0.5 if scale is None else scale
+    if rotation is not None:
+        scale = scale / head_dim
     scores = torch.matmul(qd.reshape(batch, num_kv_heads, group, seq_q, head_dim), kd[:, :, None].transpose(-1, -2))
     keep = visible_keys(torch.arange(seq_q, device=q.device), seq_q, seq_k, causal, key_padding)
     keep = torch.ones_like(scores, dtype=torch.bool) if keep is None else keep.expand_as(scores)
     probs, _ = masked_softmax(scores * scale, keep)
+    if "p" not in rounded:
+        return torch.matmul(probs, vd[:, :, None]).reshape(batch, num_q_heads, seq_q, head_dim).to(q.dtype)
     row_max = probs.amax(dim=-1, keepdim=True)
     gain = 256.0 / torch.where(row_max > 0, row_max, 1.0)  # the kernel's P is exp2(s - m + 8): 256 at the row max
     probs_fp8 = (probs * gain).to(torch.float8_e4m3fn).float() / gain
