@@ -111,9 +111,16 @@ def test_per_layer_sdpa_assignment(name):
 
 def test_per_layer_config_overrides():
     model = tiny_llama()
-    hf_fastattn.patch(model, "dense", layers={0: ("dense", {"block": 64}), 2: ("sdpa", {})}, block=128, keep=True)
+    hf_fastattn.patch(
+        model, "dense", layers={0: ("dense", {"fast_exp": "all"}), 2: ("sdpa", {})}, fast_exp="half", fp8=False
+    )
     configs = [s.config for s in hf_fastattn.layer_states(model)]
-    assert configs == [{"block": 64, "keep": True}, {"block": 128, "keep": True}, {"block": 128, "keep": True}]
+    expected = [
+        {"fast_exp": "all", "fp8": False},
+        {"fast_exp": "half", "fp8": False},
+        {"fast_exp": "half", "fp8": False},
+    ]
+    assert configs == expected
     assert [s.method for s in hf_fastattn.layer_states(model)] == ["dense", "dense", "sdpa"]
 
 
@@ -185,15 +192,15 @@ def test_use_restores_an_unpatched_model():
 def test_use_restores_a_patched_model_exactly():
     model = tiny_llama()
     model.set_attn_implementation("eager")
-    hf_fastattn.patch(model, "dense", layers={0: "sdpa"}, setting=1)
+    hf_fastattn.patch(model, "dense", layers={0: "sdpa"}, fast_exp="half")
     states = hf_fastattn.layer_states(model)
     before = _snapshot(model)
-    with hf_fastattn.use(model, "dense", other=2):
-        assert all(s.config == {"other": 2} for s in hf_fastattn.layer_states(model))
+    with hf_fastattn.use(model, "dense", fast_exp="all"):
+        assert all(s.config == {"fast_exp": "all"} for s in hf_fastattn.layer_states(model))
     after = _snapshot(model)
     assert after[0] == before[0] and after[2] == before[2] == "eager"
     assert all(a is b for a, b in zip(after[1], states))  # the very same state objects
-    assert [s.config for s in hf_fastattn.layer_states(model)] == [{"setting": 1}] * 3
+    assert [s.config for s in hf_fastattn.layer_states(model)] == [{"fast_exp": "half"}] * 3
     hf_fastattn.unpatch(model)
     assert model.config._attn_implementation == "eager"
 

@@ -30,8 +30,8 @@ import hf_fastattn
 import hf_fastattn.dispatch
 import hf_fastattn.methods.dense
 import hf_fastattn.ops.dense.attention
-from hf_fastattn.assets import models
-from hf_fastattn.assets.cache import AssetUnavailable
+from hf_fastattn.assets import data, models
+from hf_fastattn.assets.cache import AssetUnavailable, cache_root
 from hf_fastattn.assets.models import KNOWN_MODELS, load_model, model_max_length
 from hf_fastattn.evaluation.perplexity import perplexity
 from hf_fastattn.ops._runtime import interpreter_enabled
@@ -103,6 +103,9 @@ def asset_cache(tmp_path_factory) -> Path:
     base = tmp_path_factory.getbasetemp()
     root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "hf_fastattn_cache"
     with pytest.MonkeyPatch.context() as patcher:
+        # The Debian text packages stay where scripts/setup_assets.sh unpacked them: this fixture lives for the rest of
+        # the worker's session, and later tests (and the processes they launch) still read the Austen novels.
+        patcher.setenv(data.DEBIAN_ROOT_ENV, os.environ.get(data.DEBIAN_ROOT_ENV) or str(cache_root() / "debian"))
         patcher.setenv("HF_FASTATTN_CACHE", str(root))
         patcher.setenv("HF_HUB_OFFLINE", "1")
         yield root
