@@ -36,25 +36,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, what:
 
 
 @contextlib.contextmanager
-def replaced_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """A new, empty folder beside ``path`` to fill in the block; if the block succeeds, it takes ``path``'s place whole.
+def atomic_directory(final: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
+    """A new, empty folder beside ``final`` to fill in the block; it is published as ``final`` only if the block
+    succeeds, so a reader sees a previous folder or the new one whole, never a mix of their files. If the block
+    fails, the new folder is removed and ``final`` stays as it was.
 
-    A reader sees the previous folder or the new one, never a mix of their files (for an instant, neither). If the
-    block fails, the previous folder stays as it was and the new one is removed.
+    When ``final`` already exists at the end: ``replace=False`` keeps it (another process finished the same build
+    first, as with converted assets); ``replace=True`` swaps the new folder in (for an instant, neither is there).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # mkdir, not mkdtemp: the umask's permissions
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")  # mkdir, not mkdtemp: the umask's permissions
     staging.mkdir()
     try:
         yield staging
-        if path.exists():
+        if not final.exists():
+            os.replace(staging, final)
+        elif replace:
             previous = staging.with_suffix(".previous")
-            os.replace(path, previous)
-            os.replace(staging, path)
+            os.replace(final, previous)
+            os.replace(staging, final)
             shutil.rmtree(previous)
         else:
-            os.replace(staging, path)
+            shutil.rmtree(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

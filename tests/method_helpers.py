@@ -45,3 +45,19 @@ def left_padded_prompt(vocab: int, pad_id: int, seq: int, pad: int = 0, batch: i
     mask[1, :pad] = 0
     ids[1, :pad] = pad_id
     return ids, mask
+
+
+def greedy_generate_pair(model, reference, input_ids, attention_mask, *, new_tokens: int, pad_id: int):
+    """``generate`` of exactly ``new_tokens`` greedy tokens with a fresh ``DynamicCache``, by ``model`` and by
+    ``reference`` on the same prompt; returns both outputs (``sequences`` and per-step ``logits``)."""
+    from transformers import DynamicCache
+
+    kwargs = {
+        "input_ids": input_ids, "attention_mask": attention_mask, "max_new_tokens": new_tokens,
+        "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": pad_id, "return_dict_in_generate": True,
+        "output_logits": True,
+    }  # fmt: skip
+    with torch.no_grad():
+        actual = model.generate(**kwargs, past_key_values=DynamicCache(config=model.config))
+        expected = reference.generate(**kwargs, past_key_values=DynamicCache(config=reference.config))
+    return actual, expected

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from method_helpers import fresh_warnings, left_padded_prompt, warnings_of  # noqa: F401 (autouse fixture)
+from method_helpers import fresh_warnings, greedy_generate_pair, left_padded_prompt, warnings_of  # noqa: F401 (autouse fixture)
 from method_helpers import model_pair as shared_model_pair
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
@@ -163,13 +163,7 @@ def test_cached_greedy_decode_equals_full_forward(monkeypatch, caplog):
     ids, mask = prompt(seq=20, pad=6, seed=3)
     spy = Spy(monkeypatch)
     new = 5
-    kwargs = {
-        "input_ids": ids, "attention_mask": mask, "max_new_tokens": new, "min_new_tokens": new, "do_sample": False,
-        "pad_token_id": PAD_ID, "return_dict_in_generate": True, "output_logits": True,
-    }  # fmt: skip
-    with torch.no_grad():
-        actual = model.generate(**kwargs, past_key_values=DynamicCache(config=model.config))
-        expected = reference.generate(**kwargs, past_key_values=DynamicCache(config=reference.config))
+    actual, expected = greedy_generate_pair(model, reference, ids, mask, new_tokens=new, pad_id=PAD_ID)
     assert spy.bsfa == [20] * LAYERS and spy.decode == [1] * (LAYERS * (new - 1)) and spy.dense == []
     assert torch.equal(actual.sequences, expected.sequences)
     assert len(set(actual.sequences[:, 20:].flatten().tolist())) > 1, "degenerate model: the test would prove little"

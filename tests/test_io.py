@@ -1,16 +1,16 @@
-"""``replaced_directory``: a folder replaced whole (the gate artifact), or left as it was when writing fails."""
+"""``atomic_directory(replace=True)``: a folder replaced whole (the gate artifact), or left as it was when writing fails."""
 
 from __future__ import annotations
 
 import pytest
 
-from hf_fastattn._io import replaced_directory
+from hf_fastattn._io import atomic_directory
 
 
 def test_a_new_folder_replaces_the_previous_one_whole(tmp_path):
     target = tmp_path / "gates"
     for files in (["a", "b"], ["b", "c"]):
-        with replaced_directory(target) as staging:
+        with atomic_directory(target, replace=True) as staging:
             assert staging.parent == tmp_path and not staging.name.startswith("gates")
             for name in files:
                 (staging / name).write_text(name)
@@ -20,9 +20,9 @@ def test_a_new_folder_replaces_the_previous_one_whole(tmp_path):
 
 def test_a_failure_leaves_the_previous_folder_as_it_was(tmp_path):
     target = tmp_path / "gates"
-    with replaced_directory(target) as staging:
+    with atomic_directory(target, replace=True) as staging:
         (staging / "a").write_text("old")
-    with pytest.raises(RuntimeError, match="disk full"), replaced_directory(target) as staging:
+    with pytest.raises(RuntimeError, match="disk full"), atomic_directory(target, replace=True) as staging:
         (staging / "a").write_text("half")
         raise RuntimeError("disk full")
     assert [path.name for path in tmp_path.iterdir()] == ["gates"]

@@ -16,7 +16,7 @@ import json
 
 import pytest
 import torch
-from method_helpers import fresh_warnings, left_padded_prompt, warnings_of  # noqa: F401 (autouse fixture)
+from method_helpers import fresh_warnings, greedy_generate_pair, left_padded_prompt, warnings_of  # noqa: F401 (autouse fixture)
 from method_helpers import model_pair as shared_model_pair
 from transformers import AutoModel, AutoModelForCausalLM, BertConfig, DynamicCache, LlamaConfig
 
@@ -382,13 +382,7 @@ def test_greedy_generate_matches_eager(monkeypatch, caplog):
     ids, mask = prompt(seq=36, pad=7, seed=3)
     spy = Spy(monkeypatch)
     new = 5
-    kwargs = {
-        "input_ids": ids, "attention_mask": mask, "max_new_tokens": new, "min_new_tokens": new, "do_sample": False,
-        "pad_token_id": PAD_ID, "return_dict_in_generate": True, "output_logits": True,
-    }  # fmt: skip
-    with torch.no_grad():
-        actual = model.generate(**kwargs, past_key_values=DynamicCache(config=model.config))
-        expected = reference.generate(**kwargs, past_key_values=DynamicCache(config=reference.config))
+    actual, expected = greedy_generate_pair(model, reference, ids, mask, new_tokens=new, pad_id=PAD_ID)
     assert [call["q"].shape[2] for call in spy.sparse] == [36] * LAYERS
     assert spy.decode == [1] * (LAYERS * (new - 1)) and spy.dense == [] and spy.fallbacks == 0
     assert torch.equal(actual.sequences, expected.sequences)

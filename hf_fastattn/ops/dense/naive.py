@@ -7,6 +7,8 @@ rows that see no key return zeros with ``lse = -inf``. Differentiable through au
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # Score elements materialised per chunk (fp32): 2^26 elements = 256 MiB.
@@ -79,8 +81,18 @@ def dense_attention_reference(
     return out, torch.cat(lses, dim=3).reshape(batch, num_q_heads, seq_q).float()
 
 
-def hadamard_matrix(size: int, device=None) -> torch.Tensor:
-    """The ``size x size`` Sylvester Hadamard matrix of ±1 (``H @ H.T == size * I``); ``size`` a power of two."""
+FP8_MAX = 448.0  # the largest finite e4m3 value
+
+
+def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The e4m3 scale of values whose largest magnitude is ``amax`` (1 where they are all zero)."""
+    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+
+
+@functools.cache
+def hadamard_matrix(size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The ``size x size`` Sylvester Hadamard matrix of ±1 (``H @ H.T == size * I``); ``size`` a power of two.
+    Cached per (size, device): every FP8 call of a model uses the same one. Do not modify it."""
     if size < 1 or size & (size - 1):
         raise ValueError(f"a Hadamard matrix needs a power-of-two size, got {size}")
     matrix = torch.ones(1, 1, device=device)
@@ -117,12 +129,10 @@ def dense_attention_fp8_reference(
     def per_block(x):
         rows = x.shape[2]
         padded = torch.nn.functional.pad(x.float().abs(), (0, 0, 0, -rows % block))
-        amax = padded.unflatten(2, (-1, block)).amax(dim=(-1, -2))
-        scales = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+        scales = fp8_scale(padded.unflatten(2, (-1, block)).amax(dim=(-1, -2)))
         return fp8_round_trip(x, scales.repeat_interleave(block, dim=2)[:, :, :rows, None])
 
-    v_amax = v.float().abs().amax(dim=2, keepdim=True)
-    v_scale = torch.where(v_amax > 0, v_amax / 448.0, torch.ones_like(v_amax))
+    v_scale = fp8_scale(v.float().abs().amax(dim=2, keepdim=True))
     if rotate_qk is None:
         rotate_qk = q.shape[-1] & (q.shape[-1] - 1) == 0
     rotation = hadamard_matrix(q.shape[-1], q.device) if rotate_qk else None
