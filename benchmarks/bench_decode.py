@@ -382,7 +382,8 @@ def benchmark_shape(shape: Shape, args, copy_gbps: float, report: dict) -> None:
 
 def tune_configs(strategy: str, args) -> list[dict]:
     """The swept keyword overrides of ``strategy``, evenly thinned to ``--max-configs``."""
-    sweep = {"block_n": args.block_ns, "num_warps": args.num_warps, "num_stages": args.num_stages}
+    sweep = {"block_n": args.block_ns, "num_warps": args.num_warps, "num_stages": args.num_stages,
+             "tma": args.tma, "pdl": args.pdl}  # fmt: skip
     if strategy == "streamk":
         sweep["programs_per_sm"] = args.programs_per_sm
     elif strategy == "split":
@@ -892,6 +893,12 @@ def head_config(text: str) -> tuple[int, int, int]:
     return q_heads, kv_heads, head_dim
 
 
+def on_off(text: str) -> bool:
+    if text not in ("0", "1"):
+        raise argparse.ArgumentTypeError(f"expected 0 or 1, got {text!r}")
+    return text == "1"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     shapes = parser.add_argument_group("shapes (defaults: the kernel grid, or the --tune shapes)")
@@ -928,6 +935,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="S",
         help="split-KV splits per segment (default: the kernel's heuristic)",
     )
+    for flag, what in (("--tma", "K/V reads through TMA descriptors"), ("--pdl", "programmatic dependent launch")):
+        tune.add_argument(flag, type=on_off, nargs="+", default=[None], metavar="0|1",
+                          help=f"{what} off (0) and/or on (1); default: the kernel's own choice")  # fmt: skip
     tune.add_argument(
         "--max-configs",
         type=int,

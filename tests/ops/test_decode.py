@@ -70,9 +70,8 @@ def test_decode_matches_reference_hypothesis(problem):
         p["batch"], p["q_heads"], p["kv_heads"], p["seq_q"], p["seq_k"], p["head_dim"], p["dtype"], seed=p["seed"]
     )
     key_padding = make_key_padding(p["pad"], p["batch"], p["seq_k"], n=p["pad_n"], seed=p["seed"])
-    check_decode(
-        q, k, v, key_padding, strategy=p["strategy"], num_programs=p["num_programs"], num_splits=p["num_splits"]
-    )
+    launch = {key: p[key] for key in ("strategy", "num_programs", "num_splits")}
+    check_decode(q, k, v, key_padding, **launch)
 
 
 @pytest.mark.parametrize("strategy", KERNEL_STRATEGIES)
@@ -113,6 +112,33 @@ def test_streamk_splits_segments_and_repeats_bitwise():
     assert torch.equal(decode_attention(q, k, v, strategy="streamk", num_programs=8), first)
 
 
+@pytest.mark.parametrize("strategy", KERNEL_STRATEGIES)
+def test_tma_reads_equal_pointer_reads(strategy, monkeypatch):
+    """K/V tiles through TMA descriptors (zero-filled past the cache end, here 77 keys) give the pointer path's bits;
+    ``HF_FASTATTN_TMA=1`` lets the interpreter run the descriptor code."""
+    if not interpreter_enabled() and not (HAS_CUDA and torch.cuda.get_device_capability()[0] >= 9):
+        pytest.skip("TMA needs Hopper or the interpreter")
+    monkeypatch.setenv("HF_FASTATTN_TMA", "1")
+    q, k, v, _ = make_qkv(2, 6, 2, 3, 77, 64, torch.bfloat16, seed=6)
+    key_padding = make_key_padding("left", 2, 77, n=20)
+    launch = {"strategy": strategy, "num_programs": 5, "num_splits": 3}
+    with_tma = check_decode(q, k, v, key_padding, tma=True, **launch)
+    assert torch.equal(with_tma, decode_attention(q, k, v, key_padding=key_padding, tma=False, **launch))
+
+
+def test_launch_flags_travel_through_the_custom_op():
+    assert decode_module._tuning_values({"tma": True, "pdl": False, "num_splits": 4}) == [0, 0, 0, 0, 4, 0, 1, -1]
+    plan = decode_module._plan(1, 4, 1, 1, 500, 64, torch.device(DEVICE), "split", 0, 0, 0, 0, 0, 0, -1, 0)
+    assert plan == plan_decode(1, 4, 1, 1, 500, 64, DEVICE, "split", tma=False)
+    assert not plan.config.tma
+
+
+@pytest.mark.skipif(HAS_CUDA and torch.cuda.get_device_capability()[0] >= 9, reason="checks the refusal off Hopper")
+def test_pdl_needs_hopper():
+    with pytest.raises(ValueError, match="pdl=True.*compute capability 9.0"):
+        plan_decode(1, 4, 1, 1, 500, 64, DEVICE, "split", pdl=True)
+
+
 def test_auto_plan_follows_the_documented_rule():
     """Segments (batch x KV heads x row tiles) against SMs: single-pass from 0.8 x SMs (or a cache of a tile or two),
     stream-K from a quarter of the SMs, split-KV below. One KV head per batch row makes the segment count the batch."""
@@ -150,7 +176,7 @@ def test_decode_input_validation():
 
 def test_decode_custom_op_opcheck():
     q, k, v, _ = make_qkv(1, 4, 2, 1, 40, 16, torch.float16)
-    args = (q, k, v, None, 0.25, "streamk", [0, 0, 0, 0, 0, 3])
+    args = (q, k, v, None, 0.25, "streamk", decode_module._tuning_values({"num_programs": 3, "tma": False}))
     torch.library.opcheck(torch.ops.hf_fastattn.decode_fwd.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -176,3 +202,18 @@ def test_decode_gpu_shapes(strategy, batch, q_heads, kv_heads, seq_q, seq_k, hea
     q, k, v, _ = make_qkv(batch, q_heads, kv_heads, seq_q, seq_k, head_dim, torch.bfloat16, seed=7)
     key_padding = make_key_padding(pad, batch, seq_k, n=seq_k // 3, seed=8)
     check_decode(q, k, v, key_padding, strategy=strategy)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] < 9, reason="TMA and PDL need Hopper")
+@pytest.mark.parametrize("strategy", ("split", "streamk"))
+@pytest.mark.parametrize("tma", (False, True))
+@pytest.mark.parametrize("pdl", (False, True))
+def test_decode_gpu_launch_flags(strategy, tma, pdl):
+    """Each launch flag on and off, back to back: a merge that read partials before they were all written, or a next
+    step that overwrote them early, would show here."""
+    q, k, v, _ = make_qkv(4, 32, 8, 2, 8193, 128, torch.bfloat16, seed=9)
+    key_padding = make_key_padding("left", 4, 8193, n=3000, seed=10)
+    launch = {"strategy": strategy, "tma": tma, "pdl": pdl}
+    outputs = [check_decode(q, k, v, key_padding, **launch) for _ in range(3)]
+    assert all(torch.equal(out, outputs[0]) for out in outputs)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .._runtime import check_tile_size, interpreter_enabled, next_power_of_2
+from .._runtime import check_tile_size, ensure_triton_allocator, interpreter_enabled, next_power_of_2, tma_usable
 from ..dense.attention import check_attention_inputs, empty_hf_output, key_padding_arg, unit_last_stride
 from .kernels import _combine_kernel, _split_kv_kernel, _streamk_kernel
 
@@ -50,20 +50,30 @@ _INTERPRETER_SMS = 3
 @dataclass(frozen=True)
 class DecodeConfig:
     """Tile configuration of the decode kernels. ``programs_per_sm`` sizes stream-K's persistent grid: one per SM by
-    default, measured fastest, and always co-resident (a program that compiles fits on an SM)."""
+    default, measured fastest, and always co-resident (a program that compiles fits on an SM).
+
+    ``tma``: read K and V through TMA descriptors where the GPU and the tensors' alignment allow it
+    (:func:`~hf_fastattn.ops._runtime.tma_usable`). ``pdl``: programmatic dependent launch on Hopper, so each kernel's
+    launch overlaps the one before it (the merge starts while the partials are computed)."""
 
     block_n: int
     num_warps: int = 4
     num_stages: int = 3
     programs_per_sm: int = 1
+    tma: bool = False
+    pdl: bool = False
 
 
-def default_config(head_dim: int) -> DecodeConfig:
+def default_config(head_dim: int, device: torch.device) -> DecodeConfig:
     """The measured defaults: one K tile plus one V tile of 32 KiB per pipeline stage at head dim 64 and 128."""
     if interpreter_enabled():
-        return DecodeConfig(block_n=_INTERPRETER_BLOCK, num_warps=1, num_stages=1, programs_per_sm=1)
+        return DecodeConfig(block_n=_INTERPRETER_BLOCK, num_warps=1, num_stages=1, programs_per_sm=1, tma=True)
     block_n = max(16, min(128, 8192 // next_power_of_2(head_dim)))
-    return DecodeConfig(block_n=block_n)
+    return DecodeConfig(block_n=block_n, tma=False, pdl=_hopper(device))
+
+
+def _hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @dataclass(frozen=True)
@@ -126,7 +136,9 @@ def _streamk_max_sharing(tiles_per_segment: int, segments: int, programs: int) -
 
 
 # Keywords that override the tuned launch (benchmarks and tests use them); None keeps the default.
-TUNING_KEYS = ("block_n", "num_warps", "num_stages", "programs_per_sm", "num_splits", "num_programs")
+TUNING_KEYS = ("block_n", "num_warps", "num_stages", "programs_per_sm", "num_splits", "num_programs", "tma", "pdl")
+# The on/off keywords; they travel as 1 (on), -1 (off) or 0 (default) in the integer list the custom op takes.
+_FLAG_KEYS = ("tma", "pdl")
 
 
 def plan_decode(
@@ -141,20 +153,32 @@ def plan_decode(
     **tuning: int | None,
 ) -> DecodePlan:
     """The launch for one decode call. ``tuning`` (any of :data:`TUNING_KEYS`) overrides the tuned defaults:
-    ``block_n``, ``num_warps``, ``num_stages``, ``programs_per_sm``; ``num_splits`` for ``split``; ``num_programs`` for
-    ``streamk``'s grid (default SMs x ``programs_per_sm``)."""
+    ``block_n``, ``num_warps``, ``num_stages``, ``programs_per_sm``, ``tma``, ``pdl`` (True/False); ``num_splits`` for
+    ``split``; ``num_programs`` for ``streamk``'s grid (default SMs x ``programs_per_sm``)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown decode strategy {strategy!r}; choose from {list(STRATEGIES)}")
-    overrides = (value or None for value in _tuning_values(tuning))
-    return _plan(batch, q_heads, kv_heads, seq_q, seq_k, head_dim, torch.device(device), strategy, *overrides)
+    return _plan(batch, q_heads, kv_heads, seq_q, seq_k, head_dim, torch.device(device), strategy,
+                 *_tuning_values(tuning))  # fmt: skip
 
 
 def _tuning_values(tuning: dict) -> list[int]:
-    """The tuning keywords in :data:`TUNING_KEYS` order, 0 where not given; raises TypeError on an unknown one."""
+    """The tuning keywords in :data:`TUNING_KEYS` order, 0 where not given (flags: 1 on, -1 off); raises TypeError on
+    an unknown keyword."""
     unknown = sorted(set(tuning) - set(TUNING_KEYS))
     if unknown:
         raise TypeError(f"unknown decode tuning keyword(s) {unknown}; valid: {list(TUNING_KEYS)}")
-    return [tuning.get(key) or 0 for key in TUNING_KEYS]
+    values = []
+    for key in TUNING_KEYS:
+        value = tuning.get(key)
+        if key in _FLAG_KEYS:
+            values.append(0 if value is None else 1 if value else -1)
+        else:
+            values.append(value or 0)
+    return values
+
+
+def _flag(value: int, default: bool) -> bool:
+    return default if value == 0 else value > 0
 
 
 # Every decode step of every layer asks for the same few plans.
@@ -168,20 +192,27 @@ def _plan(
     head_dim: int,
     device: torch.device,
     strategy: str,
-    block_n: int | None,
-    num_warps: int | None,
-    num_stages: int | None,
-    programs_per_sm: int | None,
-    num_splits: int | None,
-    num_programs: int | None,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+    programs_per_sm: int,
+    num_splits: int,
+    num_programs: int,
+    tma: int,
+    pdl: int,
 ) -> DecodePlan:
-    base = default_config(head_dim)
+    """:func:`plan_decode` with :func:`_tuning_values`' integers (0 = the default)."""
+    base = default_config(head_dim, device)
     config = DecodeConfig(
         block_n=block_n or base.block_n,
         num_warps=num_warps or base.num_warps,
         num_stages=num_stages or base.num_stages,
         programs_per_sm=programs_per_sm or base.programs_per_sm,
+        tma=_flag(tma, base.tma),
+        pdl=_flag(pdl, base.pdl),
     )
+    if config.pdl and not _hopper(device):
+        raise ValueError("programmatic dependent launch (pdl=True) needs a CUDA GPU of compute capability 9.0 or newer")
     check_tile_size("block_n", config.block_n)
     rows = (q_heads // kv_heads) * seq_q
     block_m = min(max(16, next_power_of_2(rows)), _INTERPRETER_BLOCK if interpreter_enabled() else _MAX_BLOCK_M)
@@ -247,9 +278,15 @@ def decode_fwd(q, k, v, key_padding, scale: float, plan: DecodePlan) -> torch.Te
         "BLOCK_N": config.block_n,
         "BLOCK_D": block_d,
         "HAS_KEY_PADDING": key_padding is not None,
+        "USE_TMA": config.tma and tma_usable(k, v),
+        "USE_PDL": config.pdl,
         "num_warps": config.num_warps,
         "num_stages": config.num_stages,
     }
+    if meta["USE_TMA"]:
+        ensure_triton_allocator()
+    # Only a GPU launch knows the option; the interpreter would reject it.
+    pdl_launch = {"launch_pdl": True} if config.pdl else {}
     shape_args = (kv_heads, q_heads // kv_heads, plan.row_tiles, seq_q, seq_k, scale)
     chunk = max(16, min(next_power_of_2(plan.splits_per_segment), _MERGE_ELEMENTS // block_d))
     per_program = with_extra = 0
@@ -257,13 +294,13 @@ def decode_fwd(q, k, v, key_padding, scale: float, plan: DecodePlan) -> torch.Te
         per_program, with_extra = _streamk_split(plan.segments * plan.tiles_per_segment, plan.grid[0])
         _streamk_kernel[plan.grid](
             q, k, v, kpad, out, part_acc, part_m, part_l, *strides, *shape_args,
-            plan.tiles_per_segment, per_program, with_extra, **meta,
+            plan.tiles_per_segment, per_program, with_extra, **meta, **pdl_launch,
         )  # fmt: skip
     else:
         _split_kv_kernel[plan.grid](
             q, k, v, kpad, out, part_acc, part_m, part_l, *strides, *shape_args,
             triton.cdiv(plan.tiles_per_segment, plan.splits_per_segment),
-            WRITE_OUTPUT=plan.splits_per_segment == 1, **meta,
+            WRITE_OUTPUT=plan.splits_per_segment == 1, **meta, **pdl_launch,
         )  # fmt: skip
     if plan.splits_per_segment > 1:
         _combine_kernel[(plan.segments, plan.block_m)](
@@ -271,15 +308,17 @@ def decode_fwd(q, k, v, key_padding, scale: float, plan: DecodePlan) -> torch.Te
             kv_heads, q_heads // kv_heads, plan.row_tiles, seq_q,
             plan.splits_per_segment, plan.tiles_per_segment, per_program, with_extra,
             HEAD_DIM=head_dim, BLOCK_M=plan.block_m, BLOCK_D=block_d, CHUNK=chunk, STREAMK=plan.strategy == "streamk",
+            USE_PDL=config.pdl, **pdl_launch,
         )  # fmt: skip
     return out
 
 
 def _decode_fwd_op_impl(q, k, v, key_padding, scale: float, strategy: str, tuning: list[int]) -> torch.Tensor:
-    """``tuning`` lists :data:`TUNING_KEYS` in order, 0 for the default (custom ops take no dicts or None items)."""
+    """``tuning``: :func:`_tuning_values`' list (custom ops take no dicts or None items)."""
+    if strategy not in STRATEGIES or len(tuning) != len(TUNING_KEYS):
+        raise ValueError(f"decode_fwd needs a strategy in {STRATEGIES} and {len(TUNING_KEYS)} tuning values")
     batch, q_heads, seq_q, head_dim = q.shape
-    overrides = dict(zip(TUNING_KEYS, tuning, strict=True))
-    plan = plan_decode(batch, q_heads, k.shape[1], seq_q, k.shape[2], head_dim, q.device, strategy, **overrides)
+    plan = _plan(batch, q_heads, k.shape[1], seq_q, k.shape[2], head_dim, q.device, strategy, *tuning)
     return decode_fwd(q, k, v, key_padding, scale, plan)
 
 

@@ -22,9 +22,11 @@ Three schedules share one inner loop (:func:`segment_partial`, the dense skeleto
 
 LeanAttention merges inside the persistent kernel (a host block spins on flags set by the others). Here the merge is a
 second launch: nobody waits on anybody, so correctness needs no co-residency and the interpreter (which runs programs
-one after another) executes the same code; one program per row loads a whole chunk of partials at once. An in-kernel
-last-arriver merge was tried first: its one-partial-at-a-time loads were slower, and its chunked 3-D form failed to
-compile for some tile shapes (benchmarks/NOTES.md).
+one after another) executes the same code; one program per row loads a whole chunk of partials at once. In-kernel
+last-arriver merges were tried and measured slower (benchmarks/NOTES.md): one partial at a time, and also with every
+row's loads in flight at once (~2.5 us more than the second launch at batch 1). On Hopper both launches use
+programmatic dependent launch (``USE_PDL``): the merge kernel is launched while the partials are computed and waits
+for them in-kernel.
 
 Causality is bottom-right: query position ``i`` sees keys ``j <= i + S_kv - S_q``; ``S_q <= S_kv`` is required.
 An optional ``(B, S_kv)`` key-padding mask (non-zero = attend) covers left-padded batches; a row that sees no key
@@ -36,7 +38,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..dense.fwd import attn_fwd_finish, attn_fwd_tile_ranges
+from ..dense.fwd import attn_fwd_finish, attn_fwd_tile_ranges, kv_tile_source
+
+
+@triton.jit
+def wait_for_previous_grid():
+    """Programmatic dependent launch (Hopper): this grid may start while the previous kernel in the stream (the cache
+    update, or the last decode step's merge) still runs. Let the next kernel (the merge) launch now, so its start-up
+    overlaps this one, and wait for the previous kernel's writes before reading or writing anything."""
+    tl.extra.cuda.gdc_launch_dependents()
+    tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
@@ -71,10 +82,11 @@ def segment_partial(
     stride_kpad_b,
     num_kv_heads, group_size, row_tiles, seq_q, seq_k, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_KEY_PADDING: tl.constexpr,
+    HAS_KEY_PADDING: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """Partial ``(acc, m, l)`` of a segment's packed query tile over key tiles ``[lo, hi)`` (multiples of
-    ``BLOCK_N``), and the tile's row coordinates ``(batch, kv_head, head_in_group, positions, valid)``."""
+    ``BLOCK_N``), and the tile's row coordinates ``(batch, kv_head, head_in_group, positions, valid)``. K and V are
+    read through TMA descriptors with ``USE_TMA``."""
     batch, kv_head, row_tile = segment_coordinates(segment, num_kv_heads, row_tiles)
     head_in_group, positions, valid = packed_rows(row_tile, group_size, seq_q, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -88,9 +100,12 @@ def segment_partial(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    k_src = kv_tile_source(K + batch * stride_kb + kv_head * stride_kh, seq_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D,
+                           USE_TMA)  # fmt: skip
+    v_src = kv_tile_source(V + batch * stride_vb + kv_head * stride_vh, seq_k, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D,
+                           USE_TMA)  # fmt: skip
     acc, m_i, l_i = attn_fwd_tile_ranges(
-        acc, m_i, l_i, q,
-        K + batch * stride_kb + kv_head * stride_kh, V + batch * stride_vb + kv_head * stride_vh,
+        acc, m_i, l_i, q, k_src, v_src,
         KPAD + batch * stride_kpad_b, lo, unmasked_hi, hi, positions, tl.arange(0, BLOCK_N), offs_d,
         stride_kn, stride_vn, seq_k, causal_offset, scale * 1.4426950408889634,
         HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_KEY_PADDING,
@@ -132,10 +147,12 @@ def _split_kv_kernel(
     stride_kpad_b,
     num_kv_heads, group_size, row_tiles, seq_q, seq_k, scale, tiles_per_split,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_KEY_PADDING: tl.constexpr, WRITE_OUTPUT: tl.constexpr,
+    HAS_KEY_PADDING: tl.constexpr, WRITE_OUTPUT: tl.constexpr, USE_TMA: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (split, segment): key tiles ``[split * tiles_per_split, ...)`` of one segment. With one split per
     segment (``WRITE_OUTPUT``) it writes the output; otherwise its partial goes to slot ``segment * splits + split``."""
+    if USE_PDL:
+        wait_for_previous_grid()
     split = tl.program_id(0)
     segment = tl.program_id(1)
     num_tiles = tl.cdiv(seq_k, BLOCK_N)
@@ -145,7 +162,7 @@ def _split_kv_kernel(
         tl.minimum((split + 1) * tiles_per_split, num_tiles) * BLOCK_N,
         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         stride_kpad_b, num_kv_heads, group_size, row_tiles, seq_q, seq_k, scale,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_KEY_PADDING,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_KEY_PADDING, USE_TMA,
     )  # fmt: skip
     if WRITE_OUTPUT:
         finish_segment(
@@ -194,9 +211,11 @@ def _streamk_kernel(
     num_kv_heads, group_size, row_tiles, seq_q, seq_k, scale,
     tiles_per_segment, tiles_per_program, programs_with_extra,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_KEY_PADDING: tl.constexpr,
+    HAS_KEY_PADDING: tl.constexpr, USE_TMA: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """Persistent stream-K decode: this program's contiguous range of flat key tiles, segment by segment."""
+    if USE_PDL:
+        wait_for_previous_grid()
     program = tl.program_id(0)
     tile = streamk_range_start(program, tiles_per_program, programs_with_extra)
     end = tile + tiles_per_program + (program < programs_with_extra).to(tl.int32)
@@ -208,7 +227,7 @@ def _streamk_kernel(
             Q, K, V, KPAD, segment, (tile - segment_start) * BLOCK_N, (stop - segment_start) * BLOCK_N,
             stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_kpad_b, num_kv_heads, group_size, row_tiles, seq_q, seq_k, scale,
-            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_KEY_PADDING,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_KEY_PADDING, USE_TMA,
         )  # fmt: skip
         first_owner = streamk_owner(segment_start, tiles_per_program, programs_with_extra)
         last_owner = streamk_owner(segment_start + tiles_per_segment - 1, tiles_per_program, programs_with_extra)
@@ -230,7 +249,7 @@ def _combine_kernel(
     num_kv_heads, group_size, row_tiles, seq_q,
     num_splits, tiles_per_segment, tiles_per_program, programs_with_extra,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
-    STREAMK: tl.constexpr,
+    STREAMK: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (segment, row): merge the row's partials and write its output.
 
@@ -250,6 +269,9 @@ def _combine_kernel(
         count = num_splits
     batch, kv_head, row_tile = segment_coordinates(segment, num_kv_heads, row_tiles)
     packed_row = row_tile * BLOCK_M + row
+    if USE_PDL:
+        # Launched while the partial kernel still runs: the partials are complete and visible only after this.
+        tl.extra.cuda.gdc_wait()
     if (count > 1) & (packed_row < group_size * seq_q):
         offs_d = tl.arange(0, BLOCK_D)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
