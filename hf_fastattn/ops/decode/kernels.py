@@ -43,9 +43,9 @@ from ..dense.fwd import attn_fwd_finish, attn_fwd_tile_ranges, kv_tile_source
 
 @triton.jit
 def wait_for_previous_grid():
-    """Programmatic dependent launch (Hopper): this grid may start while the previous kernel in the stream (the cache
-    update, or the last decode step's merge) still runs. Let the next kernel (the merge) launch now, so its start-up
-    overlaps this one, and wait for the previous kernel's writes before reading or writing anything."""
+    """Programmatic dependent launch (Hopper), for a partial kernel that a merge kernel follows: this grid may start
+    while the previous kernel in the stream still runs. Let the merge launch now, so its start-up overlaps this
+    kernel, and wait for the previous kernel's writes before reading or writing anything."""
     tl.extra.cuda.gdc_launch_dependents()
     tl.extra.cuda.gdc_wait()
 
