@@ -6,8 +6,14 @@ Scaling (all scales fp32, ``scale = amax / 448`` so each block uses e4m3's full 
   tiles are those blocks, folds both scales into the softmax scale, so the inner loop pays nothing for them.
 * V per channel (``d``) of one head, over the whole sequence: the scale factors out of ``P V`` and is applied once to
   the output. V is stored transposed, ``(B, H, D, S)``, because Hopper's FP8 MMA reads both operands K-major.
-* Q and K are first multiplied by a ±1 Hadamard matrix (incoherent processing) when the head dim is a power of two;
+* K is first centred: its fp32 mean over the key sequence (per batch and KV head) is subtracted (SageAttention's
+  smoothing). Every score of a query row drops by the same ``q · mean``, which softmax ignores under any mask, so the
+  result is unchanged, while K's rounding error now follows how much the keys vary, not their common offset.
+* Q and K are then multiplied by a ±1 Hadamard matrix (incoherent processing) when the head dim is a power of two;
   the softmax scale absorbs its factor ``D``.
+* Q is then smoothed per block (SageAttention2): each block's mean row is subtracted, so only the rows' deviations
+  are rounded, and the mean row's exact fp32 scores against every key are added back to the block's scores in the
+  kernel (one bias vector per Q block, read once per key tile).
 * P is cast to e4m3 with a gain of ``2**8`` (P in ``[0, 256]``), so probabilities down to ``2**-17`` of the row
   maximum survive instead of flushing below e4m3's smallest subnormal ``2**-9``.
 
@@ -15,6 +21,9 @@ Forward only (no autograd), and only where TMA is available (Hopper and newer, o
 """
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 import triton
@@ -24,6 +33,8 @@ from .._runtime import ensure_triton_allocator, interpreter_enabled, next_power_
 from .attention import check_attention_inputs, empty_hf_output, key_padding_arg, unit_last_stride
 from .fwd import attn_fwd_finish, attn_fwd_key_range, attn_fwd_scores, attn_fwd_update, kv_tile_source
 from .naive import fp8_scale, hadamard_matrix
+
+logger = logging.getLogger("hf_fastattn")
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_BLOCK = 128  # rows per Q/K scale block, and the kernel's query and key tile
@@ -46,20 +57,35 @@ def _load_head_rows(X, stride_xb, stride_xh, stride_xs, num_heads, seq, HEAD_DIM
 
 
 @triton.jit
-def _quantize_rows_kernel(X, Xq, Scale, Rotation, stride_xb, stride_xh, stride_xs, num_heads, seq,
+def _quantize_rows_kernel(X, Xq, Scale, Rotation, Mean, BlockMean, stride_xb, stride_xh, stride_xs, num_heads, seq,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                          ROTATE: tl.constexpr):  # fmt: skip
-    """One block of ``BLOCK_S`` rows of one head (times the ±1 ``Rotation`` when ``ROTATE``): its amax scale, and the
-    rows in e4m3 (contiguous output)."""
+                          ROTATE: tl.constexpr, SUBTRACT_MEAN: tl.constexpr,
+                          SUBTRACT_BLOCK_MEAN: tl.constexpr):  # fmt: skip
+    """One block of ``BLOCK_S`` rows of one head, less the head's fp32 per-channel ``Mean`` when ``SUBTRACT_MEAN``,
+    times the ±1 ``Rotation`` when ``ROTATE``: its amax scale, and the rows in e4m3 (contiguous output). With
+    ``SUBTRACT_BLOCK_MEAN`` the block's own mean row (after the rotation) is subtracted first and stored to
+    ``BlockMean`` (fp32, one row per block)."""
     x, rows, offs_d, mask, bh = _load_head_rows(
         X, stride_xb, stride_xh, stride_xs, num_heads, seq, HEAD_DIM, BLOCK_D, BLOCK_S
     )
     if ROTATE:
+        rotation = tl.load(Rotation + offs_d[:, None] * BLOCK_D + offs_d[None, :])
         # ±1 entries are exact in bf16/fp16, and the products accumulate in fp32.
-        rotation = tl.load(Rotation + offs_d[:, None] * BLOCK_D + offs_d[None, :]).to(x.dtype)
-        x = tl.dot(x, rotation)
+        x = tl.dot(x, rotation.to(x.dtype))
     else:
         x = x.to(tl.float32)
+    if SUBTRACT_MEAN:
+        mean = tl.load(Mean + bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
+        if ROTATE:
+            # (x - mean) H as x H - mean H, all in fp32: the dot above keeps its exact 16-bit operands, where an fp32
+            # x - mean would be rounded to tf32 by the tensor cores.
+            mean = tl.sum(mean[:, None] * rotation, 0)
+        x = tl.where(mask, x - mean[None, :], 0.0)  # rows past the sequence stay out of the block's amax
+    if SUBTRACT_BLOCK_MEAN:
+        block_mean = tl.sum(x, 0) / tl.minimum(seq - tl.program_id(0) * BLOCK_S, BLOCK_S)  # rows past seq are 0
+        tl.store(BlockMean + (bh * tl.num_programs(0) + tl.program_id(0)) * HEAD_DIM + offs_d, block_mean,
+                 mask=offs_d < HEAD_DIM)  # fmt: skip
+        x = tl.where(mask, x - block_mean[None, :], 0.0)
     amax = tl.max(tl.max(tl.abs(x), 1), 0)
     scale = tl.where(amax > 0.0, amax / 448.0, 1.0)
     tl.store(Xq + (bh * seq + rows[:, None]) * HEAD_DIM + offs_d[None, :], (x / scale).to(Xq.dtype.element_ty),
@@ -80,21 +106,30 @@ def _quantize_transposed_kernel(X, Xq, Scale, stride_xb, stride_xh, stride_xs, n
 
 
 def quantize_blocks(
-    x: torch.Tensor, block: int = FP8_BLOCK, rotation: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor,
+    block: int = FP8_BLOCK,
+    rotation: torch.Tensor | None = None,
+    mean: torch.Tensor | None = None,
+    block_means: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """``x (B, H, S, D)`` -> e4m3 ``(B, H, S, D)`` (contiguous) and fp32 scales ``(B, H, ceil(S / block))``, one per
-    block of ``block`` rows: ``x ≈ x_fp8 * scale`` row-block-wise; with ``rotation`` (a ``(D, D)`` ±1 matrix, see
-    :func:`~hf_fastattn.ops.dense.naive.hadamard_matrix`) ``x @ rotation`` is what gets quantised."""
+    block of ``block`` rows: ``x ≈ x_fp8 * scale`` row-block-wise. With ``mean`` (fp32 ``(B, H, D)``) ``x - mean``,
+    computed in fp32, is what gets quantised; with ``rotation`` (a ``(D, D)`` ±1 matrix, see
+    :func:`~hf_fastattn.ops.dense.naive.hadamard_matrix`) ``(x - mean) @ rotation``. ``block_means`` also takes each
+    block's mean row out before quantising and returns them third (fp32 ``(B, H, ceil(S / block), D)``)."""
     batch, heads, seq, head_dim = x.shape
     x = unit_last_stride(x)
     out = torch.empty(batch, heads, seq, head_dim, device=x.device, dtype=FP8_DTYPE)
     scales = torch.empty(batch, heads, triton.cdiv(seq, block), device=x.device, dtype=torch.float32)
+    means = torch.empty(*scales.shape, head_dim, device=x.device, dtype=torch.float32) if block_means else scales
     _quantize_rows_kernel[(scales.shape[2], batch * heads)](
         x, out, scales, scales if rotation is None else rotation.contiguous(),
+        scales if mean is None else mean.contiguous(), means,
         x.stride(0), x.stride(1), x.stride(2), heads, seq,
         HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), BLOCK_S=block, ROTATE=rotation is not None,
+        SUBTRACT_MEAN=mean is not None, SUBTRACT_BLOCK_MEAN=block_means,
     )  # fmt: skip
-    return out, scales
+    return (out, scales, means) if block_means else (out, scales)
 
 
 def quantize_channels_transposed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,10 +149,12 @@ def quantize_channels_transposed(x: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 @triton.jit
-def _fp8_tile_range(acc, m_i, l_i, q, k_src, v_src, kpad_base, KScale, lo, hi, offs_m, offs_n, offs_d, seq_k,
-                    causal_offset, q_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    MASK_CAUSAL: tl.constexpr, MASK_SEQ_END: tl.constexpr, HAS_KEY_PADDING: tl.constexpr):  # fmt: skip
-    """Key tiles ``[lo, hi)`` of the skeleton's loop, each with its own softmax scale (Q and K block scales folded)."""
+def _fp8_tile_range(acc, m_i, l_i, q, k_src, v_src, kpad_base, KScale, bias_row, lo, hi, offs_m, offs_n, offs_d,
+                    seq_k, causal_offset, q_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, MASK_CAUSAL: tl.constexpr, MASK_SEQ_END: tl.constexpr,
+                    HAS_KEY_PADDING: tl.constexpr, HAS_Q_BIAS: tl.constexpr):  # fmt: skip
+    """Key tiles ``[lo, hi)`` of the skeleton's loop, each with its own softmax scale (Q and K block scales folded).
+    With ``HAS_Q_BIAS`` the scores of the Q block's mean row (fp32, already in log2 softmax units) are added back."""
     for start_n in tl.range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         s = attn_fwd_scores(
@@ -125,6 +162,10 @@ def _fp8_tile_range(acc, m_i, l_i, q, k_src, v_src, kpad_base, KScale, lo, hi, o
             HEAD_DIM, BLOCK_D, MASK_CAUSAL, MASK_SEQ_END, HAS_KEY_PADDING,
         )  # fmt: skip
         tile_scale = q_scale * tl.load(KScale + start_n // BLOCK_N)
+        if HAS_Q_BIAS:
+            cols = start_n + offs_n
+            bias = tl.load(bias_row + cols, mask=cols < seq_k, other=0.0)
+            s = s + (bias / tile_scale)[None, :]  # masked scores stay -inf
         acc, m_i, l_i = attn_fwd_update(
             acc, m_i, l_i, s, v_src, start_n, offs_n, offs_d, 0, seq_k, tile_scale,
             HEAD_DIM, BLOCK_D, MASK_SEQ_END, MASK_CAUSAL or MASK_SEQ_END or HAS_KEY_PADDING, 0, _P_GAIN_LOG2, True,
@@ -134,7 +175,7 @@ def _fp8_tile_range(acc, m_i, l_i, q, k_src, v_src, kpad_base, KScale, lo, hi, o
 
 @triton.jit
 def _dense_fwd_fp8_kernel(
-    Q8, K8, Vt8, QScale, KScale, VScale, KPAD, Out, LSE,
+    Q8, K8, Vt8, QScale, KScale, VScale, QBias, KPAD, Out, LSE,
     stride_ob, stride_oh, stride_om,
     stride_kpad_b,
     num_q_heads, num_kv_heads, group_size, seq_q, seq_k, seq_k_padded, scale,
@@ -145,6 +186,7 @@ def _dense_fwd_fp8_kernel(
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_KEY_PADDING: tl.constexpr,
+    HAS_Q_BIAS: tl.constexpr,
 ):  # fmt: skip
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # heavy causal tiles first, as the bf16 kernel
     bh = tl.program_id(1)
@@ -164,6 +206,7 @@ def _dense_fwd_fp8_kernel(
     q = q_src.load([start_m, 0])
     q_scale = tl.load(QScale + bh * tl.num_programs(0) + start_m // BLOCK_M) * scale * 1.4426950408889634
     k_scale_base = KScale + kv_bh * tl.cdiv(seq_k, BLOCK_N)
+    bias_row = QBias + (bh * tl.num_programs(0) + start_m // BLOCK_M).to(tl.int64) * seq_k
     kpad_base = KPAD + batch * stride_kpad_b
 
     causal_offset = seq_k - seq_q
@@ -172,12 +215,12 @@ def _dense_fwd_fp8_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full_hi, hi = attn_fwd_key_range(start_m, seq_k, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
     acc, m_i, l_i = _fp8_tile_range(
-        acc, m_i, l_i, q, k_src, v_src, kpad_base, k_scale_base, 0, full_hi, offs_m, offs_n, offs_d, seq_k,
-        causal_offset, q_scale, HEAD_DIM, BLOCK_N, BLOCK_D, False, False, HAS_KEY_PADDING,
+        acc, m_i, l_i, q, k_src, v_src, kpad_base, k_scale_base, bias_row, 0, full_hi, offs_m, offs_n, offs_d, seq_k,
+        causal_offset, q_scale, HEAD_DIM, BLOCK_N, BLOCK_D, False, False, HAS_KEY_PADDING, HAS_Q_BIAS,
     )  # fmt: skip
     acc, m_i, l_i = _fp8_tile_range(
-        acc, m_i, l_i, q, k_src, v_src, kpad_base, k_scale_base, full_hi, hi, offs_m, offs_n, offs_d, seq_k,
-        causal_offset, q_scale, HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, HAS_KEY_PADDING,
+        acc, m_i, l_i, q, k_src, v_src, kpad_base, k_scale_base, bias_row, full_hi, hi, offs_m, offs_n, offs_d, seq_k,
+        causal_offset, q_scale, HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL, True, HAS_KEY_PADDING, HAS_Q_BIAS,
     )  # fmt: skip
 
     out, lse = attn_fwd_finish(acc, m_i, l_i)
@@ -192,8 +235,40 @@ def _dense_fwd_fp8_kernel(
 # The tiles are the scale blocks (FP8_BLOCK); warps and pipeline depth are tuned per shape bucket.
 _fp8_tuned = triton.autotune(
     [triton.Config({}, num_warps=warps, num_stages=stages) for warps in (4, 8) for stages in (2, 3, 4)],
-    key=["seq_k_bucket", "HEAD_DIM", "CAUSAL", "HAS_KEY_PADDING"],
+    key=["seq_k_bucket", "HEAD_DIM", "CAUSAL", "HAS_KEY_PADDING", "HAS_Q_BIAS"],
 )(_dense_fwd_fp8_kernel)
+
+
+_LOG2E = 1.4426950408889634
+# Q smoothing's bias holds one fp32 score per (Q block, key): 1 GiB is 32 heads at 32k tokens.
+_Q_BIAS_MAX_BYTES = 1 << 30
+
+
+@functools.cache
+def _warn_bias_too_large() -> None:
+    logger.warning(
+        "FP8 attention: the Q-smoothing bias would exceed %d MiB at this length; Q is quantised without smoothing "
+        "(lower accuracy)",
+        _Q_BIAS_MAX_BYTES >> 20,
+    )
+
+
+def _block_mean_scores(q_means, k, k_mean, rotation, log2_scale: float) -> torch.Tensor:
+    """``(B, H_q, Q blocks, S_k)`` fp32: each Q block's mean row (as the quantiser rotated it) against every key (less
+    ``k_mean``, rotated likewise), times ``log2_scale``. Plain fp32 (no TF32, whatever the global setting): these are
+    the part of the scores that must stay exact."""
+    batch, num_q_heads, q_blocks, head_dim = q_means.shape
+    num_kv_heads = k.shape[1]
+    keys = k.float() if k_mean is None else k.float() - k_mean[:, :, None]
+    if rotation is not None:
+        keys = keys @ rotation.float()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        grouped = q_means.reshape(batch, num_kv_heads, -1, head_dim) * log2_scale
+        return torch.matmul(grouped, keys.transpose(-1, -2)).reshape(batch, num_q_heads, q_blocks, -1).contiguous()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def dense_attention_fp8(
@@ -206,12 +281,21 @@ def dense_attention_fp8(
     key_padding: torch.Tensor | None = None,
     return_lse: bool = False,
     rotate_qk: bool | None = None,
+    smooth_k: bool = True,
+    smooth_q: bool = True,
 ):
     """Dense attention with e4m3 inputs and probabilities (see the module docstring); bf16/fp16 in and out, no grad.
 
     ``rotate_qk`` (default: whenever the head dim is a power of two) multiplies Q and K by a Hadamard matrix before
     quantising, FlashAttention-3's incoherent processing: ``Q K^T`` is unchanged, but outlier channels are spread over
     all channels, so their rounding error no longer dominates the scores (SmolLM2: benchmarks/NOTES.md).
+    ``smooth_k`` subtracts K's mean over the key sequence first (per batch and KV head, in fp32; SageAttention's
+    smoothing): softmax is unchanged, and K's rounding error follows how much the keys vary, not their common offset;
+    the LSE gets each row's shift ``q · mean`` added back.
+    ``smooth_q`` subtracts each 128-row block's mean from Q before quantising (SageAttention2), so only the rows'
+    deviations are rounded, and adds the mean row's exact scores ``mean_b · k_j`` back to every row of the block (an
+    fp32 bias of ``(B, H_q, S_q / 128, S_k)``, computed here); without it Q's rounding dominates the FP8 error
+    (benchmarks/NOTES.md). It is skipped, with a warning, where that bias would exceed 1 GiB.
     Same contract as :func:`~hf_fastattn.ops.dense.dense_attention` otherwise. Raises RuntimeError where TMA is not
     available (before Hopper) and ValueError when a gradient is required.
     """
@@ -229,21 +313,38 @@ def dense_attention_fp8(
     if rotate_qk is None:
         rotate_qk = head_dim & (head_dim - 1) == 0
     rotation = hadamard_matrix(head_dim, q.device) if rotate_qk else None
-    if rotate_qk:
-        scale = scale / head_dim  # Q H (K H)^T = D Q K^T for the ±1 Hadamard matrix H
+    # Q H (K H)^T = D Q K^T for the ±1 Hadamard matrix H
+    kernel_scale = scale / head_dim if rotate_qk else scale
     block = _INTERPRETER_BLOCK if interpreter_enabled() else FP8_BLOCK
-    q8, q_scales = quantize_blocks(q, block, rotation)
-    k8, k_scales = quantize_blocks(k, block, rotation)
+    # q (k_j - mean) = q k_j - q mean: the same shift for every key of a query row, whatever the mask.
+    k_mean = k.mean(dim=2, dtype=torch.float32) if smooth_k else None
+    q_blocks = triton.cdiv(seq_q, block)
+    if smooth_q and batch * num_q_heads * q_blocks * seq_k * 4 > _Q_BIAS_MAX_BYTES:
+        _warn_bias_too_large()
+        smooth_q = False
+    if smooth_q:
+        q8, q_scales, q_means = quantize_blocks(q, block, rotation, block_means=True)
+        q_bias = _block_mean_scores(q_means, k, k_mean, rotation, kernel_scale * _LOG2E)
+    else:
+        q8, q_scales = quantize_blocks(q, block, rotation)
+        q_bias = q_scales  # never read
+    k8, k_scales = quantize_blocks(k, block, rotation, k_mean)
     vt8, v_scales = quantize_channels_transposed(v)
     lse = torch.empty(batch, num_q_heads, seq_q, device=q.device, dtype=torch.float32)
     kpad, stride_kpad = key_padding_arg(None if key_padding is None else key_padding.view(torch.uint8), q)
     kernel, launch = (_dense_fwd_fp8_kernel, {"num_warps": 4}) if interpreter_enabled() else (_fp8_tuned, {})
     kernel[(q_scales.shape[2], batch * num_q_heads)](
-        q8, k8, vt8, q_scales, k_scales, v_scales, kpad, out, lse,
+        q8, k8, vt8, q_scales, k_scales, v_scales, q_bias, kpad, out, lse,
         out.stride(0), out.stride(1), out.stride(2), stride_kpad,
-        num_q_heads, num_kv_heads, num_q_heads // num_kv_heads, seq_q, seq_k, vt8.shape[3], scale,
+        num_q_heads, num_kv_heads, num_q_heads // num_kv_heads, seq_q, seq_k, vt8.shape[3], kernel_scale,
         min(next_power_of_2(seq_k), 1 << 16),
         HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), BLOCK_M=block, BLOCK_N=block, CAUSAL=bool(causal),
-        HAS_KEY_PADDING=key_padding is not None, **launch,
+        HAS_KEY_PADDING=key_padding is not None, HAS_Q_BIAS=smooth_q, **launch,
     )  # fmt: skip
-    return (out, lse) if return_lse else out
+    if not return_lse:
+        return out
+    if smooth_k:
+        # The kernel's LSE is that of the smoothed scores: add back each row's dropped q mean (fp32, GQA-broadcast).
+        q_grouped = q.unflatten(1, (num_kv_heads, num_q_heads // num_kv_heads)).float()
+        lse += scale * torch.matmul(q_grouped, k_mean[:, :, None, :, None]).reshape(batch, num_q_heads, seq_q)
+    return out, lse

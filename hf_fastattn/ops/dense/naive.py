@@ -117,6 +117,8 @@ def dense_attention_fp8_reference(
     block: int = 128,
     rounded: tuple[str, ...] = ("qk", "v", "p"),
     rotate_qk: bool | None = None,
+    smooth_k: bool = True,
+    smooth_q: bool = True,
 ) -> torch.Tensor:
     """What the FP8 forward computes, in fp32: Q and K quantised per ``block`` rows, V per channel, P (with the
     kernel's gain of 2**8) per element before ``P V``. The kernel rounds P against its running row maximum rather than
@@ -124,7 +126,10 @@ def dense_attention_fp8_reference(
     that go through e4m3 (all of them, as in the kernel, by default); a subset attributes the kernel's error.
     ``rotate_qk``: Q and K are multiplied by a Hadamard matrix before rounding (FlashAttention-3's incoherent
     processing: ``Q H (K H)^T = D Q K^T``, with outlier channels spread over all of them); by default, as the kernel
-    does, whenever the head dim is a power of two."""
+    does, whenever the head dim is a power of two. ``smooth_k``: K's fp32 mean over the key sequence (per batch and KV
+    head) is subtracted before that, as the kernel does; it shifts every score of a query row by the same ``q · mean``,
+    so only the rounding changes. ``smooth_q``: each ``block`` of Q rows (after the rotation) has its mean row taken
+    out before rounding, and that row's exact fp32 scores added back, as the kernel does."""
 
     def per_block(x):
         rows = x.shape[2]
@@ -136,9 +141,19 @@ def dense_attention_fp8_reference(
     if rotate_qk is None:
         rotate_qk = q.shape[-1] & (q.shape[-1] - 1) == 0
     rotation = hadamard_matrix(q.shape[-1], q.device) if rotate_qk else None
+    if smooth_k:
+        k = k - k.mean(dim=2, keepdim=True, dtype=torch.float32)  # fp32, as the kernel's mean and subtraction
     if rotation is not None:
         q, k = q.float() @ rotation, k.float() @ rotation
-    qd, kd = (per_block(q), per_block(k)) if "qk" in rounded else (q.float(), k.float())
+    q, k = q.float(), k.float()
+    q_block_means = torch.zeros_like(q)
+    if smooth_q:
+        rows = q.shape[2]
+        padded = torch.nn.functional.pad(q, (0, 0, 0, -rows % block)).unflatten(2, (-1, block))
+        counts = (rows - block * torch.arange(padded.shape[2], device=q.device)).clamp(max=block)
+        q_block_means = (padded.sum(dim=3) / counts[:, None]).repeat_interleave(block, dim=2)[:, :, :rows]
+    qd = per_block(q - q_block_means) if "qk" in rounded else q - q_block_means
+    kd = per_block(k) if "qk" in rounded else k
     vd = fp8_round_trip(v, v_scale) if "v" in rounded else v.float()
 
     batch, num_q_heads, seq_q, head_dim = q.shape
@@ -147,14 +162,19 @@ def dense_attention_fp8_reference(
     scale = head_dim**-0.5 if scale is None else scale
     if rotation is not None:
         scale = scale / head_dim
-    scores = torch.matmul(qd.reshape(batch, num_kv_heads, group, seq_q, head_dim), kd[:, :, None].transpose(-1, -2))
+
+    def grouped_scores(queries, keys):
+        return torch.matmul(queries.reshape(batch, num_kv_heads, group, seq_q, head_dim), keys[:, :, None].mT)
+
+    # The block means' scores use the unrounded keys, as the kernel's fp32 bias does.
+    scores = grouped_scores(qd, kd) + grouped_scores(q_block_means, k)
     keep = visible_keys(torch.arange(seq_q, device=q.device), seq_q, seq_k, causal, key_padding)
     keep = torch.ones_like(scores, dtype=torch.bool) if keep is None else keep.expand_as(scores)
     probs, _ = masked_softmax(scores * scale, keep)
     if "p" not in rounded:
-        return torch.matmul(probs, vd[:, :, None]).reshape(batch, num_q_heads, seq_q, head_dim).to(q.dtype)
+        return torch.matmul(probs, vd[:, :, None]).reshape(batch, num_q_heads, seq_q, head_dim).to(v.dtype)
     row_max = probs.amax(dim=-1, keepdim=True)
     gain = 256.0 / torch.where(row_max > 0, row_max, 1.0)  # the kernel's P is exp2(s - m + 8): 256 at the row max
     probs_fp8 = (probs * gain).to(torch.float8_e4m3fn).float() / gain
     out = torch.matmul(probs_fp8, vd[:, :, None])
-    return out.reshape(batch, num_q_heads, seq_q, head_dim).to(q.dtype)
+    return out.reshape(batch, num_q_heads, seq_q, head_dim).to(v.dtype)
