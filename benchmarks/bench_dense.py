@@ -139,9 +139,10 @@ def make_flex(shape: Shape) -> Attention:
     return lambda q, k, v: compiled_flex(q, k, v, block_mask=block_mask)
 
 
-def make_fastattn_dense_fp8(shape: Shape) -> Attention:
-    """The FP8 (e4m3) forward, quantisation of Q, K and V included in the time. Forward only."""
-    return functools.partial(dense_attention_fp8, causal=shape.causal)
+def make_fastattn_dense_fp8(shape: Shape, **options) -> Attention:
+    """The FP8 (e4m3) forward, quantisation of Q, K and V (and Q smoothing's bias) included in the time. Forward
+    only."""
+    return functools.partial(dense_attention_fp8, causal=shape.causal, **options)
 
 
 PROVIDERS: dict[str, Callable[[Shape], Attention]] = {
@@ -150,6 +151,7 @@ PROVIDERS: dict[str, Callable[[Shape], Attention]] = {
     f"{OURS}_fast_exp_half": functools.partial(make_fastattn_dense, fast_exp="half"),
     f"{OURS}_fast_exp_all": functools.partial(make_fastattn_dense, fast_exp="all"),
     f"{OURS}_fp8": make_fastattn_dense_fp8,
+    f"{OURS}_fp8_no_smooth_q": functools.partial(make_fastattn_dense_fp8, smooth_q=False),
     "sdpa_flash": functools.partial(make_sdpa, SDPBackend.FLASH_ATTENTION),
     "sdpa_cudnn": functools.partial(make_sdpa, SDPBackend.CUDNN_ATTENTION),
     "flex": make_flex,
