@@ -253,22 +253,27 @@ def _warn_bias_too_large() -> None:
     )
 
 
-def _block_mean_scores(q_means, k, k_mean, rotation, log2_scale: float) -> torch.Tensor:
-    """``(B, H_q, Q blocks, S_k)`` fp32: each Q block's mean row (as the quantiser rotated it) against every key (less
-    ``k_mean``, rotated likewise), times ``log2_scale``. Plain fp32 (no TF32, whatever the global setting): these are
-    the part of the scores that must stay exact."""
-    batch, num_q_heads, q_blocks, head_dim = q_means.shape
-    num_kv_heads = k.shape[1]
-    keys = k.float() if k_mean is None else k.float() - k_mean[:, :, None]
-    if rotation is not None:
-        keys = keys @ rotation.float()
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        grouped = q_means.reshape(batch, num_kv_heads, -1, head_dim) * log2_scale
-        return torch.matmul(grouped, keys.transpose(-1, -2)).reshape(batch, num_q_heads, q_blocks, -1).contiguous()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+def _unrotated(rows: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
+    """Rows the quantiser multiplied by the ±1 Hadamard ``rotation`` (``H H^T = D I``), back in the input's basis."""
+    return rows if rotation is None else rows @ rotation.T.float() / rows.shape[-1]
+
+
+def _block_mean_scores(q_block_means: torch.Tensor, k: torch.Tensor, log2_scale: float) -> torch.Tensor:
+    """``(B, H_q, Q blocks, S_k)`` fp32: each Q block's mean row (fp32, unrotated) against every raw key, times
+    ``log2_scale``. These scores stand for the block's largest shared part, so they are kept to ~fp32 accuracy: on
+    CUDA as two tensor-core products in K's 16-bit dtype (the mean split into a 16-bit head and its remainder; keys
+    are exact in it) accumulated in fp32, one ``bmm`` over the doubled depth; on the CPU as an fp32 product."""
+    batch, num_q_heads, q_blocks, head_dim = q_block_means.shape
+    num_kv_heads, seq_k = k.shape[1], k.shape[2]
+    means = (q_block_means * log2_scale).reshape(batch * num_kv_heads, -1, head_dim)
+    keys = k.reshape(batch * num_kv_heads, seq_k, head_dim).transpose(1, 2)
+    if k.is_cuda:
+        head = means.to(k.dtype)
+        split = torch.cat([head, (means - head.float()).to(k.dtype)], dim=2)
+        scores = torch.bmm(split, torch.cat([keys, keys], dim=1), out_dtype=torch.float32)
+    else:
+        scores = torch.bmm(means, keys.float())
+    return scores.reshape(batch, num_q_heads, q_blocks, seq_k)
 
 
 def dense_attention_fp8(
@@ -293,8 +298,8 @@ def dense_attention_fp8(
     smoothing): softmax is unchanged, and K's rounding error follows how much the keys vary, not their common offset;
     the LSE gets each row's shift ``q · mean`` added back.
     ``smooth_q`` subtracts each 128-row block's mean from Q before quantising (SageAttention2), so only the rows'
-    deviations are rounded, and adds the mean row's exact scores ``mean_b · k_j`` back to every row of the block (an
-    fp32 bias of ``(B, H_q, S_q / 128, S_k)``, computed here); without it Q's rounding dominates the FP8 error
+    deviations are rounded, and adds the mean row's scores ``mean_b · k_j`` back to every row of the block (an fp32
+    bias of ``(B, H_q, S_q / 128, S_k)``, computed here); without it Q's rounding dominates the FP8 error
     (benchmarks/NOTES.md). It is skipped, with a warning, where that bias would exceed 1 GiB.
     Same contract as :func:`~hf_fastattn.ops.dense.dense_attention` otherwise. Raises RuntimeError where TMA is not
     available (before Hopper) and ValueError when a gradient is required.
@@ -323,8 +328,10 @@ def dense_attention_fp8(
         _warn_bias_too_large()
         smooth_q = False
     if smooth_q:
-        q8, q_scales, q_means = quantize_blocks(q, block, rotation, block_means=True)
-        q_bias = _block_mean_scores(q_means, k, k_mean, rotation, kernel_scale * _LOG2E)
+        q8, q_scales, q_block_means = quantize_blocks(q, block, rotation, block_means=True)
+        q_block_means = _unrotated(q_block_means, rotation)
+        # Against the raw keys: with K smoothed, the kernel's scores are q k_j - (q - mean_b) k_mean, a per-row shift.
+        q_bias = _block_mean_scores(q_block_means, k, scale * _LOG2E)
     else:
         q8, q_scales = quantize_blocks(q, block, rotation)
         q_bias = q_scales  # never read
@@ -344,7 +351,10 @@ def dense_attention_fp8(
     if not return_lse:
         return out
     if smooth_k:
-        # The kernel's LSE is that of the smoothed scores: add back each row's dropped q mean (fp32, GQA-broadcast).
-        q_grouped = q.unflatten(1, (num_kv_heads, num_q_heads // num_kv_heads)).float()
-        lse += scale * torch.matmul(q_grouped, k_mean[:, :, None, :, None]).reshape(batch, num_q_heads, seq_q)
+        # The kernel's LSE is that of the shifted scores: add back each row's dropped (q - Q block mean) k_mean.
+        shifted = q.float()
+        if smooth_q:
+            shifted = shifted - q_block_means.repeat_interleave(block, dim=2)[:, :, :seq_q]
+        grouped = shifted.unflatten(1, (num_kv_heads, num_q_heads // num_kv_heads))
+        lse += scale * torch.matmul(grouped, k_mean[:, :, None, :, None]).reshape(batch, num_q_heads, seq_q)
     return out, lse
