@@ -151,7 +151,7 @@ PROVIDERS: dict[str, Callable[[Shape], Attention]] = {
     f"{OURS}_fast_exp_half": functools.partial(make_fastattn_dense, fast_exp="half"),
     f"{OURS}_fast_exp_all": functools.partial(make_fastattn_dense, fast_exp="all"),
     f"{OURS}_fp8": make_fastattn_dense_fp8,
-    f"{OURS}_fp8_no_smooth_q": functools.partial(make_fastattn_dense_fp8, smooth_q=False),
+    f"{OURS}_fp8_accurate": functools.partial(make_fastattn_dense_fp8, smooth_q=True),
     "sdpa_flash": functools.partial(make_sdpa, SDPBackend.FLASH_ATTENTION),
     "sdpa_cudnn": functools.partial(make_sdpa, SDPBackend.CUDNN_ATTENTION),
     "flex": make_flex,

@@ -257,3 +257,27 @@ def test_set_tensor_replaces():
     state.set_tensor("thresholds", torch.ones(5))
     assert torch.equal(state.thresholds, torch.ones(5))
     assert "method='dense'" in repr(state) and "layer_index=0" in repr(state)
+
+
+def test_fp8_modes_reach_the_fp8_forward(monkeypatch):
+    """``fp8=True`` runs the FP8 forward as it is, ``fp8="accurate"`` with its Q smoothing; other values raise."""
+    from hf_fastattn.methods import dense as dense_method
+    from hf_fastattn.ops.dense import dense_attention_reference
+
+    calls = []
+
+    def spy(query, key, value, *, causal, scale, key_padding, smooth_q):
+        calls.append(smooth_q)
+        return dense_attention_reference(query, key, value, causal=causal, scale=scale, key_padding=key_padding)
+
+    monkeypatch.setattr(dense_method, "dense_attention_fp8", spy)
+    monkeypatch.setattr(dense_method, "dense_attention_fp8_reference", spy)
+    for mode, smooth_q in ((True, False), ("accurate", True)):
+        model = tiny_llama()
+        hf_fastattn.patch(model, "dense", fp8=mode)
+        calls.clear()
+        with torch.no_grad():
+            model(torch.randint(0, model.config.vocab_size, (1, 9)))
+        assert calls and set(calls) == {smooth_q}
+    with pytest.raises(ValueError, match="fp8 must be one of"):
+        hf_fastattn.patch(tiny_llama(), "dense", fp8="fast")

@@ -11,9 +11,9 @@ Scaling (all scales fp32, ``scale = amax / 448`` so each block uses e4m3's full 
   result is unchanged, while K's rounding error now follows how much the keys vary, not their common offset.
 * Q and K are then multiplied by a ±1 Hadamard matrix (incoherent processing) when the head dim is a power of two;
   the softmax scale absorbs its factor ``D``.
-* Q is then smoothed per block (SageAttention2): each block's mean row is subtracted, so only the rows' deviations
-  are rounded, and the mean row's exact fp32 scores against every key are added back to the block's scores in the
-  kernel (one bias vector per Q block, read once per key tile).
+* Optionally (``smooth_q``) Q is then smoothed per block (SageAttention2): each block's mean row is subtracted, so
+  only the rows' deviations are rounded, and the mean row's fp32 scores against every key are added back to the
+  block's scores in the kernel (one bias vector per Q block, read once per key tile).
 * P is cast to e4m3 with a gain of ``2**8`` (P in ``[0, 256]``), so probabilities down to ``2**-17`` of the row
   maximum survive instead of flushing below e4m3's smallest subnormal ``2**-9``.
 
@@ -287,7 +287,7 @@ def dense_attention_fp8(
     return_lse: bool = False,
     rotate_qk: bool | None = None,
     smooth_k: bool = True,
-    smooth_q: bool = True,
+    smooth_q: bool = False,
 ):
     """Dense attention with e4m3 inputs and probabilities (see the module docstring); bf16/fp16 in and out, no grad.
 
@@ -299,8 +299,9 @@ def dense_attention_fp8(
     the LSE gets each row's shift ``q · mean`` added back.
     ``smooth_q`` subtracts each 128-row block's mean from Q before quantising (SageAttention2), so only the rows'
     deviations are rounded, and adds the mean row's scores ``mean_b · k_j`` back to every row of the block (an fp32
-    bias of ``(B, H_q, S_q / 128, S_k)``, computed here); without it Q's rounding dominates the FP8 error
-    (benchmarks/NOTES.md). It is skipped, with a warning, where that bias would exceed 1 GiB.
+    bias of ``(B, H_q, S_q / 128, S_k)``, computed here). Without it Q's rounding dominates the FP8 error; with it the
+    forward costs more than FP8 saves today (benchmarks/NOTES.md), so it is off by default. It is skipped, with a
+    warning, where that bias would exceed 1 GiB.
     Same contract as :func:`~hf_fastattn.ops.dense.dense_attention` otherwise. Raises RuntimeError where TMA is not
     available (before Hopper) and ValueError when a gradient is required.
     """

@@ -118,7 +118,7 @@ def dense_attention_fp8_reference(
     rounded: tuple[str, ...] = ("qk", "v", "p"),
     rotate_qk: bool | None = None,
     smooth_k: bool = True,
-    smooth_q: bool = True,
+    smooth_q: bool = False,
 ) -> torch.Tensor:
     """What the FP8 forward computes, in fp32: Q and K quantised per ``block`` rows, V per channel, P (with the
     kernel's gain of 2**8) per element before ``P V``. The kernel rounds P against its running row maximum rather than
