@@ -42,9 +42,9 @@ VARIANTS = {
     "qk smoothed": (("qk",), False, True, False),
     "all, qk smoothed": (("qk", "v", "p"), False, True, False),
     "qk rotated + smoothed": (("qk",), True, True, False),
-    "all, qk rotated + smoothed": (("qk", "v", "p"), True, True, False),
+    "all, qk rotated + smoothed": (("qk", "v", "p"), True, True, False),  # the kernel with fp8=True
     "qk rotated + smoothed, q smoothed": (("qk",), True, True, True),
-    "all, qk rotated + smoothed, q smoothed": (("qk", "v", "p"), True, True, True),  # what the kernel does
+    "all, qk rotated + smoothed, q smoothed": (("qk", "v", "p"), True, True, True),  # with fp8="accurate"
 }
 
 
