@@ -165,7 +165,7 @@ def _fp8_tile_range(acc, m_i, l_i, q, k_src, v_src, kpad_base, KScale, bias_row,
         if HAS_Q_BIAS:
             cols = start_n + offs_n
             bias = tl.load(bias_row + cols, mask=cols < seq_k, other=0.0)
-            s = s + (bias / tile_scale)[None, :]  # masked scores stay -inf
+            s = s + (bias * (1.0 / tile_scale))[None, :]  # masked scores stay -inf; one division per tile
         acc, m_i, l_i = attn_fwd_update(
             acc, m_i, l_i, s, v_src, start_n, offs_n, offs_d, 0, seq_k, tile_scale,
             HEAD_DIM, BLOCK_D, MASK_SEQ_END, MASK_CAUSAL or MASK_SEQ_END or HAS_KEY_PADDING, 0, _P_GAIN_LOG2, True,
@@ -258,22 +258,48 @@ def _unrotated(rows: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tenso
     return rows if rotation is None else rows @ rotation.T.float() / rows.shape[-1]
 
 
+@triton.jit
+def _block_mean_scores_kernel(MeansHead, MeansRest, K, Scores, stride_kb, stride_kh, stride_kn, num_kv_heads,
+                              rows_per_kv_head, seq_k, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                              BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """One ``(BLOCK_R, BLOCK_N)`` tile of ``Scores = (MeansHead + MeansRest) K^T`` for one (batch, KV head): both
+    products on the tensor cores, accumulated in fp32."""
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    bkv = tl.program_id(2)
+    row_offsets = (bkv * rows_per_kv_head + rows)[:, None].to(tl.int64)
+    mean_mask = (rows[:, None] < rows_per_kv_head) & (offs_d[None, :] < HEAD_DIM)
+    head = tl.load(MeansHead + row_offsets * HEAD_DIM + offs_d[None, :], mask=mean_mask, other=0.0)
+    rest = tl.load(MeansRest + row_offsets * HEAD_DIM + offs_d[None, :], mask=mean_mask, other=0.0)
+    k_base = K + (bkv // num_kv_heads).to(tl.int64) * stride_kb + (bkv % num_kv_heads) * stride_kh
+    k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :],
+                mask=(cols[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM), other=0.0)  # fmt: skip
+    scores = tl.dot(rest, tl.trans(k), tl.dot(head, tl.trans(k)))
+    tl.store(Scores + row_offsets * seq_k + cols[None, :], scores,
+             mask=(rows[:, None] < rows_per_kv_head) & (cols[None, :] < seq_k))  # fmt: skip
+
+
 def _block_mean_scores(q_block_means: torch.Tensor, k: torch.Tensor, log2_scale: float) -> torch.Tensor:
     """``(B, H_q, Q blocks, S_k)`` fp32: each Q block's mean row (fp32, unrotated) against every raw key, times
-    ``log2_scale``. These scores stand for the block's largest shared part, so they are kept to ~fp32 accuracy: on
-    CUDA as two tensor-core products in K's 16-bit dtype (the mean split into a 16-bit head and its remainder; keys
-    are exact in it) accumulated in fp32, one ``bmm`` over the doubled depth; on the CPU as an fp32 product."""
+    ``log2_scale``. These scores stand for the block's largest shared part, so they are kept to ~fp32 accuracy: the
+    mean is split into a head in K's 16-bit dtype and the rest, both multiplied with the (exact) 16-bit keys on the
+    tensor cores and accumulated in fp32."""
     batch, num_q_heads, q_blocks, head_dim = q_block_means.shape
     num_kv_heads, seq_k = k.shape[1], k.shape[2]
-    means = (q_block_means * log2_scale).reshape(batch * num_kv_heads, -1, head_dim)
-    keys = k.reshape(batch * num_kv_heads, seq_k, head_dim).transpose(1, 2)
-    if k.is_cuda:
-        head = means.to(k.dtype)
-        split = torch.cat([head, (means - head.float()).to(k.dtype)], dim=2)
-        scores = torch.bmm(split, torch.cat([keys, keys], dim=1), out_dtype=torch.float32)
-    else:
-        scores = torch.bmm(means, keys.float())
-    return scores.reshape(batch, num_q_heads, q_blocks, seq_k)
+    means = (q_block_means * log2_scale).contiguous()
+    head = means.to(k.dtype)
+    rest = (means - head.float()).to(k.dtype)
+    k = unit_last_stride(k)
+    scores = torch.empty(batch, num_q_heads, q_blocks, seq_k, device=k.device, dtype=torch.float32)
+    rows_per_kv_head = num_q_heads // num_kv_heads * q_blocks  # a KV head's query heads are consecutive
+    block_r, block_n = (16, 16) if interpreter_enabled() else (64, 128)
+    grid = (triton.cdiv(seq_k, block_n), triton.cdiv(rows_per_kv_head, block_r), batch * num_kv_heads)
+    _block_mean_scores_kernel[grid](
+        head, rest, k, scores, k.stride(0), k.stride(1), k.stride(2), num_kv_heads, rows_per_kv_head, seq_k,
+        HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), BLOCK_R=block_r, BLOCK_N=block_n,
+    )  # fmt: skip
+    return scores
 
 
 def dense_attention_fp8(
