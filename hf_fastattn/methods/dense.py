@@ -6,8 +6,8 @@ The baseline every other method is measured against, and the kernel skeleton the
   FMA units instead of the MUFU unit (VEXP style; 7.5e-5 relative error on the exponential). Measured slower on the
   H100 (benchmarks/NOTES.md), so it stays off by default.
 * ``fp8``: ``True`` runs the FP8 (e4m3) forward (Hopper and newer; inference only, no backward); ``"accurate"`` adds
-  its Q smoothing, which brings SmolLM2's perplexity cost under 0.4% but makes it slower than the bf16 forward today
-  (benchmarks/NOTES.md).
+  its Q smoothing, which brings SmolLM2's perplexity cost under 0.4% but costs about what FP8 saves (0.80-1.05x the
+  bf16 forward at d128; benchmarks/NOTES.md).
 """
 
 from __future__ import annotations

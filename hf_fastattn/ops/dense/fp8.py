@@ -326,7 +326,7 @@ def dense_attention_fp8(
     ``smooth_q`` subtracts each 128-row block's mean from Q before quantising (SageAttention2), so only the rows'
     deviations are rounded, and adds the mean row's scores ``mean_b · k_j`` back to every row of the block (an fp32
     bias of ``(B, H_q, S_q / 128, S_k)``, computed here). Without it Q's rounding dominates the FP8 error; with it the
-    forward costs more than FP8 saves today (benchmarks/NOTES.md), so it is off by default. It is skipped, with a
+    forward loses about what FP8 gains (benchmarks/NOTES.md), so it is off by default. It is skipped, with a
     warning, where that bias would exceed 1 GiB.
     Same contract as :func:`~hf_fastattn.ops.dense.dense_attention` otherwise. Raises RuntimeError where TMA is not
     available (before Hopper) and ValueError when a gradient is required.
