@@ -96,6 +96,11 @@ class DecodePlan:
     def block_n(self) -> int:
         return self.config.block_n
 
+    @property
+    def uses_pdl(self) -> bool:
+        """PDL applies where a merge kernel follows the partials (see :class:`DecodeConfig`)."""
+        return self.config.pdl and self.splits_per_segment > 1
+
 
 @functools.cache
 def _cuda_sm_count(index: int) -> int:
@@ -274,7 +279,6 @@ def decode_fwd(q, k, v, key_padding, scale: float, plan: DecodePlan) -> torch.Te
         out.stride(0), out.stride(1), out.stride(2),
         stride_kpad,
     )  # fmt: skip
-    use_pdl = config.pdl and plan.splits_per_segment > 1
     meta = {
         "HEAD_DIM": head_dim,
         "BLOCK_M": plan.block_m,
@@ -282,14 +286,14 @@ def decode_fwd(q, k, v, key_padding, scale: float, plan: DecodePlan) -> torch.Te
         "BLOCK_D": block_d,
         "HAS_KEY_PADDING": key_padding is not None,
         "USE_TMA": config.tma and tma_usable(k, v),
-        "USE_PDL": use_pdl,
+        "USE_PDL": plan.uses_pdl,
         "num_warps": config.num_warps,
         "num_stages": config.num_stages,
     }
     if meta["USE_TMA"]:
         ensure_triton_allocator()
     # Only a GPU launch knows the option; the interpreter would reject it.
-    pdl_launch = {"launch_pdl": True} if use_pdl else {}
+    pdl_launch = {"launch_pdl": True} if plan.uses_pdl else {}
     shape_args = (kv_heads, q_heads // kv_heads, plan.row_tiles, seq_q, seq_k, scale)
     chunk = max(16, min(next_power_of_2(plan.splits_per_segment), _MERGE_ELEMENTS // block_d))
     per_program = with_extra = 0
@@ -311,7 +315,7 @@ def decode_fwd(q, k, v, key_padding, scale: float, plan: DecodePlan) -> torch.Te
             kv_heads, q_heads // kv_heads, plan.row_tiles, seq_q,
             plan.splits_per_segment, plan.tiles_per_segment, per_program, with_extra,
             HEAD_DIM=head_dim, BLOCK_M=plan.block_m, BLOCK_D=block_d, CHUNK=chunk, STREAMK=plan.strategy == "streamk",
-            USE_PDL=use_pdl, **pdl_launch,
+            USE_PDL=plan.uses_pdl, **pdl_launch,
         )  # fmt: skip
     return out
 

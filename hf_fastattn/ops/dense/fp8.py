@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .._runtime import ensure_triton_allocator, interpreter_enabled, next_power_of_2, tma_usable
 from .attention import check_attention_inputs, empty_hf_output, key_padding_arg, unit_last_stride
-from .fwd import attn_fwd_finish, attn_fwd_key_range, attn_fwd_scores, attn_fwd_update, kv_tile_source
+from .fwd import LOG2E, attn_fwd_finish, attn_fwd_key_range, attn_fwd_scores, attn_fwd_update, kv_tile_source
 from .naive import fp8_scale, hadamard_matrix
 
 logger = logging.getLogger("hf_fastattn")
@@ -63,7 +63,7 @@ def _quantize_rows_kernel(X, Xq, Scale, Rotation, Mean, BlockMean, stride_xb, st
                           SUBTRACT_BLOCK_MEAN: tl.constexpr):  # fmt: skip
     """One block of ``BLOCK_S`` rows of one head, less the head's fp32 per-channel ``Mean`` when ``SUBTRACT_MEAN``,
     times the ±1 ``Rotation`` when ``ROTATE``: its amax scale, and the rows in e4m3 (contiguous output). With
-    ``SUBTRACT_BLOCK_MEAN`` the block's own mean row (after the rotation) is subtracted first and stored to
+    ``SUBTRACT_BLOCK_MEAN`` the block's own mean row (after those steps) is subtracted too and stored to
     ``BlockMean`` (fp32, one row per block)."""
     x, rows, offs_d, mask, bh = _load_head_rows(
         X, stride_xb, stride_xh, stride_xs, num_heads, seq, HEAD_DIM, BLOCK_D, BLOCK_S
@@ -239,7 +239,6 @@ _fp8_tuned = triton.autotune(
 )(_dense_fwd_fp8_kernel)
 
 
-_LOG2E = 1.4426950408889634
 # Q smoothing's bias holds one fp32 score per (Q block, key): 1 GiB is 32 heads at 32k tokens.
 _Q_BIAS_MAX_BYTES = 1 << 30
 
@@ -358,7 +357,7 @@ def dense_attention_fp8(
         q8, q_scales, q_block_means = quantize_blocks(q, block, rotation, block_means=True)
         q_block_means = _unrotated(q_block_means, rotation)
         # Against the raw keys: with K smoothed, the kernel's scores are q k_j - (q - mean_b) k_mean, a per-row shift.
-        q_bias = _block_mean_scores(q_block_means, k, scale * _LOG2E)
+        q_bias = _block_mean_scores(q_block_means, k, scale * LOG2E)
     else:
         q8, q_scales = quantize_blocks(q, block, rotation)
         q_bias = q_scales  # never read

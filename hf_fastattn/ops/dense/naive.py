@@ -146,13 +146,14 @@ def dense_attention_fp8_reference(
     if rotation is not None:
         q, k = q.float() @ rotation, k.float() @ rotation
     q, k = q.float(), k.float()
-    q_block_means = torch.zeros_like(q)
+    q_block_means = None
     if smooth_q:
         rows = q.shape[2]
         padded = torch.nn.functional.pad(q, (0, 0, 0, -rows % block)).unflatten(2, (-1, block))
         counts = (rows - block * torch.arange(padded.shape[2], device=q.device)).clamp(max=block)
         q_block_means = (padded.sum(dim=3) / counts[:, None]).repeat_interleave(block, dim=2)[:, :, :rows]
-    qd = per_block(q - q_block_means) if "qk" in rounded else q - q_block_means
+        q = q - q_block_means
+    qd = per_block(q) if "qk" in rounded else q
     kd = per_block(k) if "qk" in rounded else k
     vd = fp8_round_trip(v, v_scale) if "v" in rounded else v.float()
 
@@ -166,8 +167,10 @@ def dense_attention_fp8_reference(
     def grouped_scores(queries, keys):
         return torch.matmul(queries.reshape(batch, num_kv_heads, group, seq_q, head_dim), keys[:, :, None].mT)
 
-    # The block means' scores use the unrounded keys, as the kernel's fp32 bias does.
-    scores = grouped_scores(qd, kd) + grouped_scores(q_block_means, k)
+    scores = grouped_scores(qd, kd)
+    if q_block_means is not None:
+        scores += grouped_scores(q_block_means, k)  # with the unrounded keys, as the kernel's fp32 bias
+
     keep = visible_keys(torch.arange(seq_q, device=q.device), seq_q, seq_k, causal, key_padding)
     keep = torch.ones_like(scores, dtype=torch.bool) if keep is None else keep.expand_as(scores)
     probs, _ = masked_softmax(scores * scale, keep)
