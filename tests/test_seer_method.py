@@ -457,7 +457,9 @@ def test_gates_load_through_patch(gate_artifact):
         assert torch.equal(loaded[name], expected[name]), name
     for state in hf_fastattn.layer_states(other):
         # block_size and gate_dim come from the artifact (not the 64 / 128 defaults); "gates" is not kept.
-        assert state.config == {"block_size": BLOCK, "gate_dim": GATE_DIM, "mode": "gate", "local_blocks": 1, **RULE}
+        assert state.config == {
+            "block_size": BLOCK, "gate_dim": GATE_DIM, "mode": "gate", "local_blocks": 1, "allocation": "row", **RULE
+        }  # fmt: skip
     # Same gates and base weights: the same selections, the same logits.
     _, same = model_pair()
     hf_fastattn.patch(same, "seer", gates=directory, **RULE)

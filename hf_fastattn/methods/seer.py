@@ -11,9 +11,11 @@ Configuration (``patch(model, "seer", ...)``):
   dimension and gate format version are checked.
 * ``mode``: ``"gate"`` (default) selects from the gates; ``"oracle"`` selects from the exact block-level attention map
   (the ground-truth kernel runs first: a quality upper bound, not a speed-up).
-* one selection rule: ``sparsity`` (fraction of each row's visible blocks to drop, default 0.5), ``topk`` (blocks
-  kept per query block) or ``threshold`` (keep blocks whose gate probability exceeds it, SeerAttention's tau, e.g.
-  5e-4). Per-layer values go through ``patch(..., layers={i: ("seer", {"sparsity": 0.8})})``.
+* one selection rule: ``sparsity`` (fraction of the visible blocks to drop, default 0.5), ``topk`` (blocks kept per
+  query block) or ``threshold`` (keep blocks whose gate probability exceeds it, SeerAttention's tau, e.g. 5e-4).
+* ``allocation`` for ``sparsity``: ``"row"`` (default) drops the fraction from every query block; ``"head"`` shares one
+  budget among all query blocks of a (batch, KV head) and spends it on the most probable blocks of any row, so rows
+  with spread-out attention keep more than rows with concentrated attention (the realised density is the same). Per-layer values go through ``patch(..., layers={i: ("seer", {"sparsity": 0.8})})``.
 * ``sink_blocks`` (default 1) and ``local_blocks`` (default 1, the diagonal): always kept, counted in the budget.
 * ``block_size`` (64) and ``gate_dim`` (128): fixed by trained gates.
 * ``decode``: the decode-step strategy every method takes (decode runs the shared exact decode kernels).
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,7 @@ from ..dispatch import dispatch_attention
 from ..masks import fastattn_mask
 from ..ops.dense import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, dense_attention, dense_attention_reference
 from ..ops.seer import (
+    ALLOCATIONS,
     DEFAULT_BLOCK_SIZE,
     attention_with_block_target,
     attention_with_block_target_reference,
@@ -57,7 +61,6 @@ from ..ops.seer import (
     selection_mask,
     visible_blocks,
 )
-from ..ops.seer.naive import rotate_half
 from ..state import LayerState
 
 GATE_FORMAT_VERSION = 1
@@ -124,27 +127,43 @@ class AttnGate(nn.Module):
         k_features = torch.cat([k_max, k_min, k_avg], dim=-1).to(dtype)
         k_gate = torch.einsum("bhnc,hcg->bhng", k_features, self.k_weight)
         if self.rope_theta is not None:
-            positions = torch.arange(num_blocks, device=q_gate.device) * self.block_size
-            q_gate, k_gate = (_rotate(t, positions, self.rope_theta) for t in (q_gate, k_gate))
-        scores = q_gate @ k_gate.transpose(-1, -2) / math.sqrt(self.gate_dim)
+            cos, signed_sin = _block_rope(num_blocks, self.block_size, self.gate_dim, self.rope_theta, q_gate.device)
+            q_gate, k_gate = (
+                torch.addcmul(t * cos, t.roll(self.gate_dim // 2, -1), signed_sin) for t in (q_gate, k_gate)
+            )
+        scale = 1.0 / math.sqrt(self.gate_dim)
+        if key_padding is None:
+            # Every row sees its own block (S_q == S_kv), so no row is empty: one fused product, scale and mask.
+            valid, bias = _visible_bias(seq, causal, self.block_size, str(q_gate.device))
+            scores = torch.baddbmm(
+                bias.to(q_gate.dtype), q_gate.flatten(0, 1), k_gate.flatten(0, 1).transpose(-1, -2), alpha=scale
+            ).view(batch, self.num_kv_heads, num_blocks, num_blocks)
+            return torch.log_softmax(scores.float(), dim=-1), valid.expand_as(scores)
+        scores = q_gate @ k_gate.transpose(-1, -2) * scale
         visible, _ = visible_blocks(seq, seq, causal=causal, block_size=self.block_size, device=q_gate.device)
-        valid = visible
-        if key_padding is not None:
-            padded = F.pad(key_padding.bool(), (0, num_blocks * self.block_size - seq))
-            valid = valid & padded.view(batch, 1, num_blocks, self.block_size).any(-1)[:, :, None, :]
+        padded = F.pad(key_padding.bool(), (0, num_blocks * self.block_size - seq))
+        valid = visible & padded.view(batch, 1, num_blocks, self.block_size).any(-1)[:, :, None, :]
         valid = valid.expand_as(scores)
         # A row with nothing valid (a fully padded query block) gets a harmless uniform row; it carries no target.
         scores = scores.float().masked_fill(~valid, float("-inf")).masked_fill(~valid.any(-1, keepdim=True), 0.0)
         return torch.log_softmax(scores, dim=-1), valid
 
 
-def _rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """RoPE (rotate-half convention, as Llama) at ``positions`` in ``x``'s last dimension."""
-    dim = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim))
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
-    return x * angles.cos().to(x.dtype) + rotate_half(x) * angles.sin().to(x.dtype)
+@functools.lru_cache(maxsize=32)
+def _block_rope(num_blocks: int, block_size: int, dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE (rotate-half convention, as Llama) at each block's first position, fp32 ``(NB, dim)`` ``(cos, sin')``
+    with ``sin'`` = ``[-sin, sin]`` over the two halves, so that ``x * cos + x.roll(dim / 2) * sin'`` rotates ``x``.
+    Cached per geometry (read-only)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+    angles = (torch.arange(num_blocks, device=device) * block_size).float()[:, None] * inv_freq[None, :]
+    return torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([-angles.sin(), angles.sin()], dim=-1)
+
+
+@functools.lru_cache(maxsize=64)
+def _visible_bias(seq: int, causal: bool, block_size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(visible, bias)`` for an unpadded sequence: the visible blocks and an fp32 additive mask (0 / -inf)."""
+    visible, _ = visible_blocks(seq, seq, causal=causal, block_size=block_size, device=device)
+    return visible, torch.zeros(visible.shape, device=device).masked_fill(~visible, float("-inf"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -216,7 +235,7 @@ def _run(ops: _Ops, query, key, value, *, causal, scale, key_padding, state, pos
         rule["threshold"] = threshold
     selection = ops.select(
         scores, seq_q=seq, seq_k=seq, causal=causal, block_size=block,
-        sink_blocks=config["sink_blocks"], local_blocks=config["local_blocks"], **rule,
+        sink_blocks=config["sink_blocks"], local_blocks=config["local_blocks"], allocation=config["allocation"], **rule,
     )  # fmt: skip
     _count(state, selection, causal)
     return ops.run_sparse(query, key, value, selection, causal=causal, scale=scale, key_padding=key_padding)
@@ -293,7 +312,7 @@ def seer_statistics(state: LayerState) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 _DEFAULTS = {"mode": "gate", "block_size": DEFAULT_BLOCK_SIZE, "gate_dim": DEFAULT_GATE_DIM, "sink_blocks": 1,
-             "local_blocks": 1}  # fmt: skip
+             "local_blocks": 1, "allocation": "row"}  # fmt: skip
 _USER_KEYS = {"gates", *_DEFAULTS, *_SELECTION_RULES}
 
 
@@ -303,6 +322,8 @@ def _prepare(model, states: list[LayerState]) -> None:
     sources = {str(state.config["gates"]) for state in states if state.config.get("gates") is not None}
     artifacts = {source: _read_gates(model, Path(source)) for source in sources}
     rope_theta, rotary = _rope(model)
+    if rotary is not None:
+        rotary = _LastRotaryTables(rotary)
     device = next(model.parameters()).device
     for state in states:
         config = state.config
@@ -327,6 +348,25 @@ def _prepare(model, states: list[LayerState]) -> None:
             _load_gate(state, artifacts[str(source)], source)
 
 
+class _LastRotaryTables:
+    """The model's rotary embedding, remembering its last ``(cos, sin)``: every layer of one forward passes the same
+    ``position_ids`` tensor, so the tables are computed once per forward instead of once per layer."""
+
+    def __init__(self, rotary: nn.Module):
+        self.rotary = rotary
+        self._last_key = None
+        self._last_tables = None
+
+    def __call__(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (position_ids._version, x.dtype, x.device, torch.is_grad_enabled())
+        last = self._last_key
+        if last is not None and last[0]() is position_ids and last[1:] == key:
+            return self._last_tables
+        self._last_tables = self.rotary(x, position_ids)
+        self._last_key = (weakref.ref(position_ids), *key)
+        return self._last_tables
+
+
 def _check_config(config: dict) -> None:
     unknown = sorted(set(config) - _USER_KEYS)
     if unknown:
@@ -340,6 +380,11 @@ def _check_config(config: dict) -> None:
     sparsity = config.get("sparsity")
     if sparsity is not None and not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    allocation = config.get("allocation", "row")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"fastattn_seer allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if allocation != "row" and rules not in ([], ["sparsity"]):
+        raise ValueError(f"allocation={allocation!r} applies to the sparsity rule, not {rules[0]}")
 
 
 def _rope(model) -> tuple[float | None, nn.Module | None]:

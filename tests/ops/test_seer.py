@@ -39,6 +39,7 @@ from hf_fastattn.ops.seer import (
     block_sparse_attention,
     block_sparse_attention_reference,
     normalise_target,
+    select_block_lists,
     select_blocks,
     selection_density,
     selection_from_mask,
@@ -594,6 +595,72 @@ def test_select_blocks_rules(geometry, data):
     assert torch.equal(selected, expected), f"{rule}:\n{selected.int()}\n!= expected\n{expected.int()}"
     assert not (selected & ~visible).any(), "an invisible block was selected"
     assert (selected | ~forced).all(), "a sink or diagonal block was dropped"
+
+
+def expected_head_selection(scores, forced, visible, sparsity):
+    """``allocation="head"`` with Python sorting: per (batch, head), the forced blocks plus the best other visible
+    blocks of any row (ties: lowest row-major index), ``ceil((1 - sparsity) * visible)`` blocks in all."""
+    nq, nk = scores.shape[-2:]
+    budget = math.ceil((1 - Fraction(sparsity).limit_denominator(100)) * int(visible.sum()))
+    expected = torch.zeros(scores.shape, dtype=torch.bool)
+    flat_scores, flat_expected = scores.reshape(-1, nq, nk), expected.view(-1, nq, nk)
+    free = [(m, n) for m in range(nq) for n in range(nk) if visible[m, n] and not forced[m, n]]
+    for b in range(flat_scores.shape[0]):
+        flat_expected[b] = forced & visible
+        ranked = sorted(free, key=lambda mn: -flat_scores[b, mn[0], mn[1]].item())  # sorted() is stable
+        for m, n in ranked[: max(0, budget - int((forced & visible).sum()))]:
+            flat_expected[b, m, n] = True
+    return expected
+
+
+@settings(max_examples=100)
+@given(geometry=geometries(), data=st.data())
+def test_select_blocks_head_allocation(geometry, data):
+    """One budget per (batch, head), spent on the best blocks of any row; tied and -inf scores included."""
+    seq_q, seq_k, causal, block_size = geometry
+    nq, nk = num_blocks(seq_q, block_size), num_blocks(seq_k, block_size)
+    batch, heads = data.draw(st.integers(1, 2), label="batch"), data.draw(st.integers(1, 3), label="heads")
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
+    scores = torch.randint(0, 5, (batch, heads, nq, nk), generator=gen).float()  # coarse: many ties
+    scores[torch.rand(scores.shape, generator=gen) < 0.2] = NEG_INF  # padded key blocks
+    sparsity = data.draw(st.integers(0, 19), label="sparsity / 20") / 20
+    visible, _ = block_geometry(seq_q, seq_k, causal=causal, block_size=block_size)
+    forced = expected_forced(seq_q, seq_k, causal=causal, block_size=block_size)
+    kw = {"seq_q": seq_q, "seq_k": seq_k, "causal": causal, "block_size": block_size}
+    selected = select_blocks(scores, sparsity=sparsity, allocation="head", **kw)
+    expected = expected_head_selection(scores, forced, visible, sparsity)
+    assert torch.equal(selected, expected), f"{sparsity}:\n{selected.int()}\n!= expected\n{expected.int()}"
+
+
+@settings(max_examples=60 if HAS_CUDA else 25, deadline=None)
+@given(geometry=geometries(), data=st.data())
+def test_selection_kernel_equals_reference(geometry, data):
+    """``select_block_lists`` (one Triton kernel; the cut of ``allocation="head"`` from torch.topk) gives exactly
+    ``selection_from_mask(select_blocks(...))``: counts and whole index rows, for every rule."""
+    seq_q, seq_k, causal, block_size = geometry
+    nq, nk = num_blocks(seq_q, block_size), num_blocks(seq_k, block_size)
+    batch, heads = data.draw(st.integers(1, 2), label="batch"), data.draw(st.integers(1, 3), label="heads")
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
+    rule_name = data.draw(st.sampled_from(["threshold", "topk", "sparsity", "sparsity-head"]), label="rule")
+    sink, local = data.draw(st.sampled_from([(1, 1), (0, 1), (2, 3)]), label="sink, local")
+    if rule_name == "sparsity-head":  # ties and -inf: the head rule resolves them like the reference
+        scores = torch.randint(0, 5, (batch, heads, nq, nk), generator=gen).float()
+        scores[torch.rand(scores.shape, generator=gen) < 0.2] = NEG_INF
+    else:  # the per-row kernel matches the reference on finite scores
+        scores = torch.randn(batch, heads, nq, nk, generator=gen)
+    rule = {
+        "threshold": {"threshold": 0.3},
+        "topk": {"topk": data.draw(st.integers(0, nk + 1), label="topk")},
+        "sparsity": {"sparsity": data.draw(st.integers(0, 19), label="s") / 20},
+        "sparsity-head": {"sparsity": data.draw(st.integers(0, 19), label="s") / 20, "allocation": "head"},
+    }[rule_name]
+    kw = {"seq_q": seq_q, "seq_k": seq_k, "causal": causal, "block_size": block_size}
+    kernel = select_block_lists(scores.to(DEVICE), sink_blocks=sink, local_blocks=local, **kw, **rule)
+    mask = select_blocks(scores, sink_blocks=sink, local_blocks=local, **kw, **rule)
+    expected = selection_from_mask(mask, **kw)
+    for name, got, want in zip(BlockSelection._fields, kernel, expected):
+        if name != "block_size":
+            assert torch.equal(got.cpu(), want), f"{rule_name} {rule}: {name}\n{got.cpu()}\n!= expected\n{want}"
 
 
 @pytest.mark.parametrize("sparsity, visible_count", [(0.28, 75), (0.9, 10), (0.7, 10), (0.35, 20), (0.0, 7), (0.5, 3)])

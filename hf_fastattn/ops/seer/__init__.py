@@ -7,6 +7,7 @@ from .attention import (
     normalise_target,
 )
 from .blocks import (
+    ALLOCATIONS,
     BlockSelection,
     always_kept_blocks,
     select_blocks,
@@ -21,6 +22,7 @@ from .pool import pool_blocks
 from .select import select_block_lists
 
 __all__ = [
+    "ALLOCATIONS",
     "DEFAULT_BLOCK_SIZE",
     "BlockSelection",
     "always_kept_blocks",

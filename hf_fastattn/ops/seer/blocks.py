@@ -15,6 +15,7 @@ query heads of a GQA group) or of query heads. Everything is computed on the dev
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -88,7 +89,30 @@ def always_kept_blocks(
     return ((key_block < sink_blocks) | local) & visible
 
 
-def check_selection_rule(threshold: float | None, topk: int | None, sparsity: float | None) -> None:
+ALLOCATIONS = ("row", "head")
+
+
+def free_blocks(
+    seq_q: int, seq_k: int, *, causal: bool, block_size: int, sink_blocks: int, local_blocks: int,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:  # fmt: skip
+    """Bool ``(NQ, NK)``: the visible blocks a rule chooses among (not always kept). Cached, read-only."""
+    return _free_blocks(seq_q, seq_k, causal, block_size, sink_blocks, local_blocks, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=64)
+def _free_blocks(seq_q, seq_k, causal, block_size, sink_blocks, local_blocks, device) -> torch.Tensor:
+    visible, _ = visible_blocks(seq_q, seq_k, causal=causal, block_size=block_size, device=device)
+    forced = always_kept_blocks(
+        seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks,
+        device=device,
+    )  # fmt: skip
+    return visible & ~forced
+
+
+def check_selection_rule(
+    threshold: float | None, topk: int | None, sparsity: float | None, allocation: str = "row"
+) -> None:
     """Exactly one rule, with a valid value; raises ValueError."""
     rules = [
         name for name, value in (("threshold", threshold), ("topk", topk), ("sparsity", sparsity)) if value is not None
@@ -99,6 +123,10 @@ def check_selection_rule(threshold: float | None, topk: int | None, sparsity: fl
         raise ValueError(f"topk must be >= 0, got {topk}")
     if sparsity is not None and not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if allocation != "row" and sparsity is None:
+        raise ValueError(f"allocation={allocation!r} applies to the sparsity rule only")
 
 
 def row_budgets(
@@ -130,15 +158,20 @@ def select_blocks(
     sparsity: float | None = None,
     sink_blocks: int = 1,
     local_blocks: int = 1,
+    allocation: str = "row",
 ) -> torch.Tensor:
     """Bool ``(B, H, NQ, NK)`` block mask from block scores (gate probabilities or a ground-truth map).
 
     Exactly one rule: ``threshold`` keeps blocks whose score exceeds it; ``topk`` keeps the ``topk`` best blocks of
-    each row; ``sparsity`` keeps ``ceil((1 - sparsity) * visible)`` of each row's visible blocks (so every row, short
-    or long, drops about the same fraction). The sink and local blocks are always kept and count towards a row's
-    budget; invisible blocks are never selected.
+    each row; ``sparsity`` keeps ``1 - sparsity`` of the visible blocks. With ``allocation="row"`` every query block
+    keeps ``ceil((1 - sparsity) * visible)`` of its own blocks (short and long rows drop the same fraction); with
+    ``allocation="head"`` the budget ``ceil((1 - sparsity) * visible)`` is counted over all query blocks of a
+    (batch, head) and goes to the best blocks of any row, so rows whose attention is spread keep more than rows
+    whose attention is concentrated. Scores must then be comparable across rows (row-normalised probabilities or
+    log-probabilities). The sink and local blocks are always kept and count towards the budget; invisible blocks are
+    never selected. Ties at the cut go to the lowest block index (row-major for ``"head"``).
     """
-    check_selection_rule(threshold, topk, sparsity)
+    check_selection_rule(threshold, topk, sparsity, allocation)
     device = scores.device
     visible, _ = visible_blocks(seq_q, seq_k, causal=causal, block_size=block_size, device=device)
     if scores.shape[-2:] != visible.shape:
@@ -149,14 +182,41 @@ def select_blocks(
     )  # fmt: skip
     if threshold is not None:
         return ((scores > threshold) | forced) & visible
+    if allocation == "head":
+        free = free_blocks(
+            seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks,
+            device=device,
+        ).flatten()  # fmt: skip
+        need = head_need(seq_q, seq_k, causal=causal, block_size=block_size, sparsity=sparsity,
+                         sink_blocks=sink_blocks, local_blocks=local_blocks)  # fmt: skip
+        ranked = scores.float().flatten(-2).masked_fill(~free, float("-inf"))
+        # Best score first, ties by block index (stable); then, stably, every free block before the others.
+        order = ranked.argsort(dim=-1, descending=True, stable=True)
+        order = order.gather(-1, (~free[order]).to(torch.uint8).argsort(dim=-1, stable=True))
+        taken = torch.zeros_like(free.expand_as(ranked)).scatter(-1, order[..., :need], True)
+        return (taken.view(scores.shape) & visible) | forced
+    ranked = scores.float().masked_fill(~visible, float("-inf")).masked_fill(forced, float("inf"))
     budget = row_budgets(
         seq_q, seq_k, causal=causal, block_size=block_size, topk=topk, sparsity=sparsity, device=device
-    )
-    budget = budget[:, None]
-    ranked = scores.float().masked_fill(~visible, float("-inf")).masked_fill(forced, float("inf"))
+    )[:, None]
     order = ranked.argsort(dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=device).expand_as(order))
     return ((rank < budget) | forced) & visible
+
+
+@functools.lru_cache(maxsize=256)
+def head_need(
+    seq_q: int, seq_k: int, *, causal: bool, block_size: int, sparsity: float, sink_blocks: int, local_blocks: int
+) -> int:
+    """Blocks one (batch, head) chooses beyond the always-kept ones under ``sparsity`` with ``allocation="head"``:
+    the budget ``ceil((1 - sparsity) * visible)`` less the always-kept blocks, at most the blocks left to choose."""
+    visible, _ = visible_blocks(seq_q, seq_k, causal=causal, block_size=block_size)
+    free = free_blocks(
+        seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks
+    )
+    always_kept = int(visible.sum()) - int(free.sum())
+    budget = math.ceil((1.0 - sparsity) * int(visible.sum()) - 1e-6)
+    return max(0, min(budget - always_kept, int(free.sum())))
 
 
 def selection_from_mask(

@@ -7,7 +7,10 @@ selection launch-bound. One program per (batch, mask head, query block) row:
 1. visibility, the full/partial split and the always-kept blocks (sink and local) from the geometry;
 2. the rule: ``threshold`` keeps scores above it; ``topk``/``sparsity`` keep the row's budget of blocks, the
    always-kept first, then the best of the rest. The budget's cut value is found by bisection on the scores' sortable
-   integer keys (32 halvings), and ties at the cut go to the lowest block index, like a stable descending sort;
+   integer keys (32 halvings), and ties at the cut go to the lowest block index, like a stable descending sort.
+   ``sparsity`` with ``allocation="head"`` shares one budget among the rows of a (batch, head): its cut value is
+   found beforehand by ``torch.topk`` over the head's free blocks, and each row gets the cut and how many blocks
+   tied with it the row may still take (ties go to the lowest row-major index);
 3. compaction: the selected full (then partial) blocks in ascending order, followed by the unselected ones, so each
    index row is a permutation of the key blocks, as in the PyTorch path.
 """
@@ -21,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import check_tile_size, next_power_of_2
-from .blocks import BlockSelection, check_selection_rule, num_blocks, row_budgets
+from .blocks import BlockSelection, check_selection_rule, free_blocks, head_need, num_blocks, row_budgets
 
 
 @triton.jit
@@ -36,13 +39,14 @@ def _write_list(INDEX, COUNT, row_offset, count_offset, selected, in_range, bloc
 
 @triton.jit
 def _select_kernel(
-    SCORES, BUDGET, FULL_COUNT, FULL_INDEX, PARTIAL_COUNT, PARTIAL_INDEX,
+    SCORES, BUDGET, CUT, TIE_ROOM, FULL_COUNT, FULL_INDEX, PARTIAL_COUNT, PARTIAL_INDEX,
     stride_sb, stride_sh, stride_sm,
     num_heads, num_query_blocks, num_key_blocks, seq_q, seq_k, threshold, sink_blocks, local_blocks,
     BLOCK: tl.constexpr,
     BLOCK_K: tl.constexpr,
     CAUSAL: tl.constexpr,
     USE_THRESHOLD: tl.constexpr,
+    HEAD_CUT: tl.constexpr,
 ):  # fmt: skip
     m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -73,8 +77,14 @@ def _select_kernel(
     local = ((blocks <= own) & (blocks > own - local_blocks)) | ((blocks >= first_own) & (blocks <= own))
     forced = ((blocks < sink_blocks) | local) & visible
 
+    row = (batch * num_heads + head) * num_query_blocks + m
     if USE_THRESHOLD:
         keep = forced | (visible & (scores > threshold))
+    elif HEAD_CUT:
+        free = visible & ~forced
+        cut = tl.load(CUT + row)
+        ties = free & (scores == cut)
+        keep = forced | (free & (scores > cut)) | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= tl.load(TIE_ROOM + row)))
     else:
         free = visible & ~forced
         need = tl.load(BUDGET + m) - tl.sum(forced.to(tl.int32), 0)
@@ -95,7 +105,6 @@ def _select_kernel(
         take = ties & (tl.cumsum(ties.to(tl.int32), 0) <= room)
         keep = forced | above | take
 
-    row = (batch * num_heads + head) * num_query_blocks + m
     _write_list(FULL_INDEX, FULL_COUNT, row * num_key_blocks, row, keep & full, in_range, blocks)
     _write_list(PARTIAL_INDEX, PARTIAL_COUNT, row * num_key_blocks, row, keep & ~full, in_range, blocks)
 
@@ -112,34 +121,61 @@ def select_block_lists(
     sparsity: float | None = None,
     sink_blocks: int = 1,
     local_blocks: int = 1,
+    allocation: str = "row",
 ) -> BlockSelection:
     """:func:`~hf_fastattn.ops.seer.blocks.select_blocks` followed by ``selection_from_mask``, in one kernel.
 
     ``scores`` ``(B, H, NQ, NK)`` ranks blocks (probabilities, log-probabilities or a ground-truth map: any monotone
     score; ``threshold`` is in the same units).
     """
-    check_selection_rule(threshold, topk, sparsity)
+    check_selection_rule(threshold, topk, sparsity, allocation)
     check_tile_size("block_size", block_size)
     batch, heads, nq, nk = scores.shape
     if (nq, nk) != (num_blocks(seq_q, block_size), num_blocks(seq_k, block_size)):
         raise ValueError(f"block scores end in {(nq, nk)}, expected (NQ, NK) for S_q={seq_q}, S_kv={seq_k}")
     device = scores.device
-    if threshold is None:
+    if scores.stride(-1) != 1:
+        scores = scores.contiguous()
+    head_cut = allocation == "head"
+    cut = tie_room = budget = torch.empty(1, dtype=torch.int32, device=device)
+    if head_cut:
+        cut, tie_room = _head_cuts(scores, seq_q, seq_k, causal, block_size, sparsity, sink_blocks, local_blocks)
+    elif threshold is None:
         budget = row_budgets(
             seq_q, seq_k, causal=causal, block_size=block_size, topk=topk, sparsity=sparsity, device=device
         )
-    else:
-        budget = torch.empty(1, dtype=torch.int32, device=device)
-    if scores.stride(-1) != 1:
-        scores = scores.contiguous()
     full_count = torch.empty(batch, heads, nq, dtype=torch.int32, device=device)
     partial_count = torch.empty_like(full_count)
     full_index = torch.empty(batch, heads, nq, nk, dtype=torch.int32, device=device)
     partial_index = torch.empty_like(full_index)
     _select_kernel[(nq, batch * heads)](
-        scores, budget, full_count, full_index, partial_count, partial_index,
+        scores, budget, cut, tie_room, full_count, full_index, partial_count, partial_index,
         scores.stride(0), scores.stride(1), scores.stride(2),
         heads, nq, nk, seq_q, seq_k, math.inf if threshold is None else float(threshold), sink_blocks, local_blocks,
         BLOCK=block_size, BLOCK_K=max(16, next_power_of_2(nk)), CAUSAL=bool(causal), USE_THRESHOLD=threshold is not None,
+        HEAD_CUT=head_cut,
     )  # fmt: skip
     return BlockSelection(full_count, full_index, partial_count, partial_index, block_size)
+
+
+def _head_cuts(scores, seq_q, seq_k, causal, block_size, sparsity, sink_blocks, local_blocks):
+    """Per row ``(B, H, NQ)``: the (batch, head)'s cut score (the ``need``-th best free block's, float32) and how many
+    free blocks scoring exactly the cut the row may take, so that the head takes ``need`` in row-major order."""
+    batch, heads, nq = scores.shape[:3]
+    free = free_blocks(
+        seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks,
+        device=scores.device,
+    )  # fmt: skip
+    need = head_need(
+        seq_q, seq_k, causal=causal, block_size=block_size, sparsity=sparsity, sink_blocks=sink_blocks,
+        local_blocks=local_blocks,
+    )  # fmt: skip
+    ranked = scores.float().masked_fill(~free, float("-inf"))
+    if need == 0:
+        cut = torch.full((batch, heads), float("inf"), device=scores.device)
+    else:
+        cut = ranked.flatten(-2).topk(need, dim=-1, sorted=False).values.amin(-1)
+    above = (ranked > cut[..., None, None]).sum((-2, -1), dtype=torch.int32)
+    ties = ((ranked == cut[..., None, None]) & free).sum(-1, dtype=torch.int32)
+    tie_room = (need - above)[..., None] - (ties.cumsum(-1, dtype=torch.int32) - ties)
+    return cut[..., None].expand(batch, heads, nq).contiguous(), tie_room.clamp(min=0).contiguous()
