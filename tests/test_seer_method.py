@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -245,8 +246,9 @@ def test_sparsity_zero_matches_eager(arch, monkeypatch, caplog):
         ("bert", {"sparsity": 0.5}, 1 / 2),
         ("llama", {"topk": 3}, (1 + 2 + 3 + 3 + 3) / 15),
         ("llama", {"threshold": 0.3}, None),  # SeerAttention's tau, on the gate's probabilities
+        ("llama", {"sparsity": 0.5, "allocation": "head"}, 8 / 15),  # one budget of ceil(0.5 * 15) per KV head
     ],
-    ids=["llama-sparsity", "bert-sparsity", "llama-topk", "llama-threshold"],
+    ids=["llama-sparsity", "bert-sparsity", "llama-topk", "llama-threshold", "llama-sparsity-head"],
 )
 def test_gate_selection_runs_the_block_sparse_kernel(arch, rule, density, monkeypatch, caplog):
     """Fresh random gates: each layer's output is block-sparse attention (the reference) over the selection that the
@@ -350,6 +352,71 @@ def test_gate_scores_pooled_pre_rope_queries_and_keys(monkeypatch):
         assert torch.equal(gate["key_padding"].bool(), mask.bool())
 
 
+@pytest.mark.parametrize("rope_theta", [None, 10000.0])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attn_gate_scores_from_first_principles(rope_theta, causal):
+    """AttnGate's log-probabilities, spelled out: group-concatenated query pools and (max, min, avg) key pools
+    projected per KV head, each block's projection rotated pair by pair at the block's first position, scaled dot
+    products over the visible blocks, log-softmax. With an all-ones key padding (the masked path) the same."""
+    torch.manual_seed(0)
+    q_heads, kv_heads, head_dim, gate_dim, block, seq = 4, 2, 8, 6, 4, 18
+    gate = seer.AttnGate(q_heads, kv_heads, head_dim, gate_dim=gate_dim, block_size=block, rope_theta=rope_theta)
+    batch, nb = 2, -(-seq // block)
+    pooled_q = torch.randn(batch, q_heads, nb, head_dim)
+    pooled_k = tuple(torch.randn(batch, kv_heads, nb, head_dim) for _ in range(3))  # (avg, max, min)
+    log_probs, valid = gate(pooled_q, pooled_k, seq=seq, causal=causal)
+
+    group, half = q_heads // kv_heads, gate_dim // 2
+    expected = torch.full((batch, kv_heads, nb, nb), float("-inf"))
+    for b in range(batch):
+        for h in range(kv_heads):
+            q_features = torch.cat([pooled_q[b, h * group + g] for g in range(group)], dim=-1)  # (NB, G*D)
+            k_features = torch.cat([pooled_k[1][b, h], pooled_k[2][b, h], pooled_k[0][b, h]], dim=-1)
+            q_gate, k_gate = q_features @ gate.q_weight[h], k_features @ gate.k_weight[h]
+            if rope_theta is not None:
+                for x in (q_gate, k_gate):
+                    for n in range(nb):
+                        for i in range(half):
+                            angle = n * block * rope_theta ** (-2 * i / gate_dim)
+                            a, c = x[n, i].item(), x[n, i + half].item()
+                            x[n, i] = a * math.cos(angle) - c * math.sin(angle)
+                            x[n, i + half] = c * math.cos(angle) + a * math.sin(angle)
+            for m in range(nb):
+                seen = [n for n in range(nb) if not causal or n <= m]
+                scores = torch.stack([q_gate[m] @ k_gate[n] / math.sqrt(gate_dim) for n in seen])
+                expected[b, h, m, seen] = torch.log_softmax(scores, dim=0)
+    torch.testing.assert_close(log_probs, expected.detach(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(valid, torch.isfinite(expected))
+    padded_log_probs, padded_valid = gate(
+        pooled_q, pooled_k, seq=seq, causal=causal, key_padding=torch.ones(batch, seq, dtype=torch.bool)
+    )
+    torch.testing.assert_close(padded_log_probs, log_probs, atol=1e-6, rtol=1e-6)
+    assert torch.equal(padded_valid, valid)
+
+
+def test_rotary_tables_computed_once_per_position_ids():
+    """The rotary tables are reused while the same position_ids tensor comes back unchanged (one forward's layers),
+    and recomputed for another tensor, after an in-place change, or for another dtype."""
+    calls = []
+
+    class Rotary(torch.nn.Module):
+        def forward(self, x, position_ids):
+            calls.append(position_ids.clone())
+            angles = position_ids[..., None].float() * torch.ones(4)
+            return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+
+    tables = seer._LastRotaryTables(Rotary())
+    x, positions = torch.zeros(1, 2, 3, 4), torch.arange(3)[None]
+    first = tables(x, positions)
+    assert tables(x, positions) is first and len(calls) == 1
+    positions.add_(5)  # in place: same object, new values
+    assert torch.equal(tables(x, positions)[0], torch.cos(positions[..., None].float() * torch.ones(4)))
+    assert len(calls) == 2
+    tables(x, torch.arange(3)[None])  # equal values, another tensor
+    tables(x.double(), positions)
+    assert len(calls) == 4
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Cached prefixes: chunked prefill on the dense kernel, decode on the shared decode kernels
 # --------------------------------------------------------------------------------------------------------------------
@@ -406,8 +473,20 @@ def test_greedy_generate_matches_eager(monkeypatch, caplog):
         ({"sparsity": 1.0}, r"sparsity must be in \[0, 1\), got 1.0"),
         ({"sparsity": -0.1}, r"sparsity must be in \[0, 1\), got -0.1"),
         ({"gate_dim": 15}, "gate_dim must be even"),
+        ({"allocation": "column"}, r"allocation must be one of \('row', 'head'\), got 'column'"),
+        ({"topk": 2, "allocation": "head"}, r"allocation='head' applies to the sparsity rule, not topk"),
     ],
-    ids=["unknown", "sparsity+topk", "topk+threshold", "mode", "sparsity-1", "sparsity-negative", "odd-gate-dim"],
+    ids=[
+        "unknown",
+        "sparsity+topk",
+        "topk+threshold",
+        "mode",
+        "sparsity-1",
+        "sparsity-negative",
+        "odd-gate-dim",
+        "allocation",
+        "allocation-topk",
+    ],
 )
 def test_bad_configuration_is_refused_at_patch_time(config, message):
     _, model = model_pair()
