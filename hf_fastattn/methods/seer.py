@@ -15,7 +15,9 @@ Configuration (``patch(model, "seer", ...)``):
   query block) or ``threshold`` (keep blocks whose gate probability exceeds it, SeerAttention's tau, e.g. 5e-4).
 * ``allocation`` for ``sparsity``: ``"row"`` (default) drops the fraction from every query block; ``"head"`` shares one
   budget among all query blocks of a (batch, KV head) and spends it on the most probable blocks of any row, so rows
-  with spread-out attention keep more than rows with concentrated attention (the realised density is the same). Per-layer values go through ``patch(..., layers={i: ("seer", {"sparsity": 0.8})})``.
+  with spread-out attention keep more than rows with concentrated attention (the realised density is the same).
+  On SmolLM2 ``"head"`` gives the better perplexity and the worse needle retrieval (``benchmarks/results``).
+* Per-layer values go through ``patch(..., layers={i: ("seer", {"sparsity": 0.8})})``.
 * ``sink_blocks`` (default 1) and ``local_blocks`` (default 1, the diagonal): always kept, counted in the budget.
 * ``block_size`` (64) and ``gate_dim`` (128): fixed by trained gates.
 * ``decode``: the decode-step strategy every method takes (decode runs the shared exact decode kernels).
