@@ -4,11 +4,15 @@ dense kernel, plus the gate's cost, in one run.
 Shapes: Llama-3.1-8B attention (32 query heads, 8 KV heads, d128, bf16, batch 1), N = 8k/32k/64k, causal and
 bidirectional. Block masks: 64 x 64 blocks, one mask per KV head (shared by its GQA group), built on the device by
 ``select_block_lists(scores, sparsity=s)`` (attention sink and diagonal always kept, each row keeps
-``ceil((1 - s) * visible)`` blocks) from two kinds of block scores:
+``ceil((1 - s) * visible)`` blocks) from three kinds of block scores:
 
 * ``random``: i.i.d. uniform scores, so the kept blocks are scattered;
 * ``gate``: scores shaped like trained gates' output: a per-head recency decay ``exp(-|m - n| / tau_h)`` (tau from 2
-  blocks to N/8 blocks over the heads) plus a few vertical stripes (key blocks every row favours) and a little noise.
+  blocks to N/8 blocks over the heads) plus a few vertical stripes (key blocks every row favours) and a little noise;
+* ``gate-head``: the ``gate`` scores as row log-probabilities (``log_softmax(GATE_HEAD_SHARPNESS * scores)`` over the
+  visible blocks) selected with ``allocation="head"``: one budget per KV head, so query blocks keep unequal numbers
+  of blocks, as with the rule that gave the best perplexity. How unequal depends on the stand-in scores' sharpness,
+  not on a trained gate.
 
 Every row reports the realised density (``selection_density``); the sparsity it is labelled with is the realised one
 (the target is shown beside it). Compared with, at the same shape:
@@ -98,7 +102,8 @@ DRY_Q_HEADS, DRY_KV_HEADS, DRY_HEAD_DIM = 4, 2, 64
 LENGTHS = (8192, 32768, 65536)
 DRY_LENGTHS = (256,)
 SPARSITIES = (0.5, 0.8, 0.9)
-MASKS = ("random", "gate")
+MASKS = ("random", "gate", "gate-head")
+GATE_HEAD_SHARPNESS = 8.0  # gate-head: scale of the stand-in scores before the row softmax
 MODES = ("causal", "bidirectional")
 BASELINES = ("flex", "sdpa_flash", "sdpa_cudnn", "dense_ours")
 # BLOCK_MxBLOCK_N:num_warps:num_stages. The H100 default for d128 bf16 (128x64) does not divide 64-row blocks.
@@ -201,13 +206,13 @@ def with_tflops(result: dict, flops: float, key: str = "tflops_effective") -> di
 # Block scores and selections.
 
 
-def block_scores(kind: str, setup: Setup, seqlen: int, generator: torch.Generator) -> torch.Tensor:
+def block_scores(kind: str, setup: Setup, seqlen: int, causal: bool, generator: torch.Generator) -> torch.Tensor:
     """``(1, H_kv, NQ, NK)`` float scores: ``random`` uniform, or ``gate``-like (recency decay + vertical stripes)."""
     nb = -(-seqlen // setup.block)
     heads, device = setup.kv_heads, setup.device
     if kind == "random":
         return torch.rand((1, heads, nb, nb), device=device, generator=generator)
-    if kind != "gate":
+    if kind not in ("gate", "gate-head"):
         raise ValueError(f"unknown mask kind {kind!r}")
     blocks = torch.arange(nb, device=device, dtype=torch.float32)
     distance = (blocks[:, None] - blocks[None, :]).abs()
@@ -218,12 +223,21 @@ def block_scores(kind: str, setup: Setup, seqlen: int, generator: torch.Generato
     weights = 0.3 + 0.7 * torch.rand((heads, stripes_per_head), device=device, generator=generator)
     stripes = torch.zeros(heads, nb, device=device).scatter_(-1, columns, weights)
     noise = 0.05 * torch.rand((heads, nb, nb), device=device, generator=generator)
-    return (local + stripes[:, None, :] + noise)[None]
+    scores = (local + stripes[:, None, :] + noise)[None]
+    if kind == "gate-head":
+        visible = torch.ones(nb, nb, dtype=torch.bool, device=device)
+        visible = visible.tril() if causal else visible
+        scores = torch.log_softmax((GATE_HEAD_SHARPNESS * scores).masked_fill(~visible, float("-inf")), dim=-1)
+    return scores
 
 
-def make_selection(scores: torch.Tensor, sparsity: float, seqlen: int, causal: bool, block: int) -> BlockSelection:
+def make_selection(
+    scores: torch.Tensor, sparsity: float, seqlen: int, causal: bool, block: int, allocation: str = "row"
+) -> BlockSelection:
     """The selection kernel fastattn_seer runs (the same result as ``select_blocks`` + ``selection_from_mask``)."""
-    return select_block_lists(scores, seq_q=seqlen, seq_k=seqlen, causal=causal, block_size=block, sparsity=sparsity)
+    return select_block_lists(
+        scores, seq_q=seqlen, seq_k=seqlen, causal=causal, block_size=block, sparsity=sparsity, allocation=allocation
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -380,8 +394,9 @@ def run_case(group, kind, sparsity, setup, args, q, k, v, entry, compiled, flex_
     n, causal = group.seqlen, group.causal
     row = {"seqlen": n, "mode": group.mode, "causal": causal, "mask": kind, "target_sparsity": sparsity}
     try:
-        scores = block_scores(kind, setup, n, generator)
-        selection = make_selection(scores, sparsity, n, causal, setup.block)
+        scores = block_scores(kind, setup, n, causal, generator)
+        allocation = "head" if kind == "gate-head" else "row"
+        selection = make_selection(scores, sparsity, n, causal, setup.block, allocation)
         density = selection_density(selection, seq_q=n, seq_k=n, causal=causal).item()
         selected = int(selection.selected_blocks().sum().item())
     except Exception as exc:  # noqa: BLE001
@@ -389,7 +404,9 @@ def run_case(group, kind, sparsity, setup, args, q, k, v, entry, compiled, flex_
         log(f"   {kind} s={sparsity}: {row['error']}")
         return row
     row.update(density=density, realised_sparsity=1.0 - density, selected_blocks=selected)
-    row["selection_ms"] = ms_of(measure(lambda: make_selection(scores, sparsity, n, causal, setup.block), setup))
+    row["selection_ms"] = ms_of(
+        measure(lambda: make_selection(scores, sparsity, n, causal, setup.block, allocation), setup)
+    )
     flops = setup.dense_flops(n, causal)
     computed_flops = 4 * setup.block * setup.block * setup.head_dim * selected * (setup.q_heads // setup.kv_heads)
     providers = {}
