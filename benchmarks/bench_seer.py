@@ -95,6 +95,7 @@ from hf_fastattn.ops.seer import (
     selection_density,
     selection_mask,
     to_block_mask,
+    visible_blocks,
 )
 
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 64
@@ -225,8 +226,7 @@ def block_scores(kind: str, setup: Setup, seqlen: int, causal: bool, generator: 
     noise = 0.05 * torch.rand((heads, nb, nb), device=device, generator=generator)
     scores = (local + stripes[:, None, :] + noise)[None]
     if kind == "gate-head":
-        visible = torch.ones(nb, nb, dtype=torch.bool, device=device)
-        visible = visible.tril() if causal else visible
+        visible, _ = visible_blocks(seqlen, seqlen, causal=causal, block_size=setup.block, device=device)
         scores = torch.log_softmax((GATE_HEAD_SHARPNESS * scores).masked_fill(~visible, float("-inf")), dim=-1)
     return scores
 

@@ -29,6 +29,7 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from bench_decode import LLAMA8B
 from bench_dense import gpu_slug, markdown_table
 
 import hf_fastattn
@@ -54,11 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def llama_8b_shaped(layers: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-        num_hidden_layers=layers, vocab_size=128256, max_position_embeddings=131072,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, attn_implementation="sdpa",
-    )  # fmt: skip
+    config = LlamaConfig(num_hidden_layers=layers, attn_implementation="sdpa", **LLAMA8B)
     torch.manual_seed(0)
     return LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
 

@@ -131,6 +131,9 @@ def test_launch_flags_travel_through_the_custom_op():
     plan = decode_module._plan(1, 4, 1, 1, 500, 64, torch.device(DEVICE), "split", 0, 0, 0, 0, 0, 0, -1, 0)
     assert plan == plan_decode(1, 4, 1, 1, 500, 64, DEVICE, "split", tma=False)
     assert not plan.config.tma
+    plan = decode_module._plan(1, 4, 1, 1, 500, 64, torch.device(DEVICE), "split", 0, 0, 0, 0, 0, 0, 1, 0)
+    assert plan == plan_decode(1, 4, 1, 1, 500, 64, DEVICE, "split", tma=True)
+    assert plan.config.tma
 
 
 @pytest.mark.skipif(HAS_CUDA and torch.cuda.get_device_capability()[0] >= 9, reason="checks the refusal off Hopper")

@@ -69,9 +69,9 @@ class DecodeConfig:
 def default_config(head_dim: int, device: torch.device) -> DecodeConfig:
     """The measured defaults: one K tile plus one V tile of 32 KiB per pipeline stage at head dim 64 and 128."""
     if interpreter_enabled():
-        return DecodeConfig(block_n=_INTERPRETER_BLOCK, num_warps=1, num_stages=1, programs_per_sm=1, tma=True)
+        return DecodeConfig(block_n=_INTERPRETER_BLOCK, num_warps=1, num_stages=1, programs_per_sm=1)
     block_n = max(16, min(128, 8192 // next_power_of_2(head_dim)))
-    return DecodeConfig(block_n=block_n, tma=False, pdl=_hopper(device))
+    return DecodeConfig(block_n=block_n, pdl=_hopper(device))
 
 
 def _hopper(device: torch.device) -> bool:

@@ -77,16 +77,15 @@ def _select_kernel(
     local = ((blocks <= own) & (blocks > own - local_blocks)) | ((blocks >= first_own) & (blocks <= own))
     forced = ((blocks < sink_blocks) | local) & visible
 
-    row = (batch * num_heads + head) * num_query_blocks + m
+    row = bh * num_query_blocks + m
+    free = visible & ~forced
     if USE_THRESHOLD:
-        keep = forced | (visible & (scores > threshold))
+        keep = forced | (free & (scores > threshold))
     elif HEAD_CUT:
-        free = visible & ~forced
-        cut = tl.load(CUT + row)
+        cut = tl.load(CUT + bh)
         ties = free & (scores == cut)
         keep = forced | (free & (scores > cut)) | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= tl.load(TIE_ROOM + row)))
     else:
-        free = visible & ~forced
         need = tl.load(BUDGET + m) - tl.sum(forced.to(tl.int32), 0)
         need = tl.minimum(tl.maximum(need, 0), tl.sum(free.to(tl.int32), 0))
         # Sortable keys: IEEE bits, with the magnitude bits of negative numbers flipped, order like the floats.
@@ -159,9 +158,10 @@ def select_block_lists(
 
 
 def _head_cuts(scores, seq_q, seq_k, causal, block_size, sparsity, sink_blocks, local_blocks):
-    """Per row ``(B, H, NQ)``: the (batch, head)'s cut score (the ``need``-th best free block's, float32) and how many
-    free blocks scoring exactly the cut the row may take, so that the head takes ``need`` in row-major order."""
-    batch, heads, nq = scores.shape[:3]
+    """Per (batch, head) ``(B, H)``: the cut score (the ``need``-th best free block's, float32); per row
+    ``(B, H, NQ)``: how many free blocks scoring exactly the cut the row may take, so that the head takes ``need`` in
+    row-major order."""
+    batch, heads = scores.shape[:2]
     free = free_blocks(
         seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks,
         device=scores.device,
@@ -178,4 +178,4 @@ def _head_cuts(scores, seq_q, seq_k, causal, block_size, sparsity, sink_blocks, 
     above = (ranked > cut[..., None, None]).sum((-2, -1), dtype=torch.int32)
     ties = ((ranked == cut[..., None, None]) & free).sum(-1, dtype=torch.int32)
     tie_room = (need - above)[..., None] - (ties.cumsum(-1, dtype=torch.int32) - ties)
-    return cut[..., None].expand(batch, heads, nq).contiguous(), tie_room.clamp(min=0).contiguous()
+    return cut.contiguous(), tie_room.clamp(min=0).contiguous()

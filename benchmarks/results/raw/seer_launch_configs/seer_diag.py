@@ -10,12 +10,12 @@ import triton
 import triton.testing
 
 sys.path.insert(0, "benchmarks")
-import bench_seer as bs  # noqa: E402
+import bench_seer as bs
 
-from hf_fastattn.methods.seer import gate_log_probs  # noqa: E402
-from hf_fastattn.ops.dense import dense_attention  # noqa: E402
-from hf_fastattn.ops.seer import attention as seer_attention  # noqa: E402
-from hf_fastattn.ops.seer import block_sparse_attention, select_block_lists, to_block_mask  # noqa: E402
+from hf_fastattn.methods.seer import gate_log_probs
+from hf_fastattn.ops.dense import dense_attention
+from hf_fastattn.ops.seer import attention as seer_attention
+from hf_fastattn.ops.seer import block_sparse_attention, select_block_lists, to_block_mask
 
 out_dir = os.environ.get("OUT", "/tmp")
 N = 32768
@@ -68,7 +68,8 @@ with torch.no_grad():
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
     table_cuda = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-    open(f"{out_dir}/gate_profile.txt", "w").write(table + "\n\n" + table_cuda)
+    with open(f"{out_dir}/gate_profile.txt", "w") as file:
+        file.write(table + "\n\n" + table_cuda)
     print(table_cuda, flush=True)
     log_probs = run_gate()
 
@@ -86,7 +87,7 @@ for kind in ("random", "gate"):
                 seer_attention._block_sparse_fwd_kernel, [*seer_attention._AUTOTUNE_KEY, "HEADS_PER_PROGRAM"]
             )
             try:
-                row[f"w{warps}s{stages}"] = bench(lambda: block_sparse_attention(q, k, v, sel, causal=True))
+                row[f"w{warps}s{stages}"] = bench(lambda sel=sel: block_sparse_attention(q, k, v, sel, causal=True))
             except Exception as exc:  # noqa: BLE001
                 row[f"w{warps}s{stages}"] = repr(exc)[:200]
         if sparsity > 0:
@@ -95,16 +96,20 @@ for kind in ("random", "gate"):
             for cfg in ({"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4}, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8}):
                 try:
                     row[f"flex_w{cfg['num_warps']}"] = bench(
-                        lambda cfg=cfg: compiled(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=cfg)
+                        lambda cfg=cfg, compiled=compiled, mask=mask: compiled(
+                            q, k, v, block_mask=mask, enable_gqa=True, kernel_options=cfg
+                        )
                     )
                 except Exception as exc:  # noqa: BLE001
                     row[f"flex_w{cfg['num_warps']}"] = repr(exc)[:200]
         results[f"{kind}_{sparsity}"] = row
         print(kind, sparsity, row, flush=True)
-        json.dump(results, open(f"{out_dir}/seer_diag.json", "w"), indent=1)
+        with open(f"{out_dir}/seer_diag.json", "w") as file:
+            json.dump(results, file, indent=1)
 
 # --- selection and the gate pipeline in a graph
 sel_ms = bench(lambda: select_block_lists(log_probs, seq_q=N, seq_k=N, causal=True, block_size=64, sparsity=0.5))
 results["selection"] = sel_ms
-json.dump(results, open(f"{out_dir}/seer_diag.json", "w"), indent=1)
+with open(f"{out_dir}/seer_diag.json", "w") as file:
+    json.dump(results, file, indent=1)
 print(json.dumps(results, indent=1))

@@ -1,8 +1,13 @@
-import sys, torch
+import sys
+
+import torch
+
 sys.path.insert(0, "benchmarks")
 from bench_seer_prefill import llama_8b_shaped
+from torch.profiler import ProfilerActivity, profile
+
 import hf_fastattn
-from torch.profiler import profile, ProfilerActivity
+
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
 model = llama_8b_shaped(4)
 ids = torch.randint(0, 1000, (1, n), device="cuda")
@@ -20,5 +25,7 @@ for method, cfg in (("dense", {}), ("seer", {"sparsity": 0.0})):
     print(f"===== {method} n={n}")
     print(ka.table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
     for e in ka:
-        if any(s in e.key for s in ("Synchronize", "Memcpy", "item", "local_scalar", "cudaMalloc", "nonzero", "is_nonzero")):
-            print("SYNC?", e.key, e.count, f"{e.cpu_time_total/1e3:.2f} ms cpu")
+        if any(
+            s in e.key for s in ("Synchronize", "Memcpy", "item", "local_scalar", "cudaMalloc", "nonzero", "is_nonzero")
+        ):
+            print("SYNC?", e.key, e.count, f"{e.cpu_time_total / 1e3:.2f} ms cpu")
