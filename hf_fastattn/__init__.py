@@ -9,7 +9,7 @@ Importing the package registers every method with transformers as ``fastattn_<me
 
 from ._version import __version__
 from .artifacts import ArtifactError, load_state, save_state
-from .calibration import BsfaCalibration, calibrate_bsfa
+from .calibration import BsfaCalibration, SeerBudgets, calibrate_bsfa, calibrate_seer_budgets
 from .capabilities import Capabilities, MethodSpec
 from .patch import attention_modules, layer_states, patch, unpatch, use
 from .registry import get_method, list_methods, register_all
@@ -23,9 +23,11 @@ __all__ = [
     "Capabilities",
     "GateTrainingConfig",
     "MethodSpec",
+    "SeerBudgets",
     "__version__",
     "attention_modules",
     "calibrate_bsfa",
+    "calibrate_seer_budgets",
     "get_method",
     "layer_states",
     "list_methods",

@@ -58,18 +58,31 @@ def save_state(model: nn.Module, directory: str | os.PathLike, metadata: dict[st
     states = layer_states(model)
     if not states:
         raise ValueError("the model is not patched: call hf_fastattn.patch(model, ...) first")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {
-        f"layers.{state.layer_index}.{name}": tensor.detach().to("cpu").contiguous()
+        f"layers.{state.layer_index}.{name}": tensor
         for state in states
         for name, tensor in state.artifact_tensors().items()
     }
+    layers = [{"index": s.layer_index, "method": s.method, "config": s.config} for s in states]
+    return write_artifact(directory, model_fingerprint(model), layers, tensors, metadata)
+
+
+def write_artifact(
+    directory: str | os.PathLike,
+    fingerprint: dict[str, Any],
+    layers: list[dict[str, Any]],
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write an artifact directory (tensors keyed ``layers.<index>.<name>``, the JSON config) atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
     config = {
         "format_version": FORMAT_VERSION,
         "versions": {"hf_fastattn": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
-        "fingerprint": model_fingerprint(model),
-        "layers": [{"index": s.layer_index, "method": s.method, "config": s.config} for s in states],
+        "fingerprint": fingerprint,
+        "layers": layers,
         "tensors": sorted(tensors),
         "metadata": metadata or {},
     }

@@ -4,6 +4,7 @@
 ``hf-fastattn selftest``    tiny random models with each method vs transformers' eager attention.
 ``hf-fastattn eval TASK``   several methods on one task (niah, passkey, ruler, ppl, encoder): one table, JSON, plots.
 ``hf-fastattn calibrate bsfa``  BSFA thresholds for a model, saved as an artifact.
+``hf-fastattn calibrate seer``  SeerAttention budget weights per (layer, KV head), saved as an artifact.
 ``hf-fastattn train-gates``     SeerAttention gates for a model (``Trainer``; runs under ``accelerate launch``).
 """
 
@@ -152,31 +153,53 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def calibrate(args: argparse.Namespace) -> int:
-    """``hf-fastattn calibrate bsfa``: thresholds for a model, written as an artifact for ``thresholds=``."""
+    """``hf-fastattn calibrate bsfa|seer``: a method's calibrated state, written as an artifact."""
     from hf_fastattn import ArtifactError
     from hf_fastattn._io import check_writable
     from hf_fastattn.assets import AssetUnavailable
     from hf_fastattn.assets.models import load_model, resolve_device, resolve_dtype
-    from hf_fastattn.calibration import calibrate_bsfa
+    from hf_fastattn.calibration import calibrate_bsfa, calibrate_seer_budgets
 
     try:
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         check_writable(args.out)
         model, tokenizer = load_model(args.model, dtype=dtype, device=device)
-        calibration = calibrate_bsfa(
-            model, args.data, tokenizer=tokenizer, k=args.k, samples=args.samples, sequence_length=args.seq_len,
-            target_skip=args.target_skip, aggregate=args.aggregate, block_m=args.block_m, block_n=args.block_n,
-            output_dir=args.out,
-        )  # fmt: skip
+        if args.method == "seer":
+            budgets = calibrate_seer_budgets(
+                model, args.data, tokenizer=tokenizer, samples=args.samples, sequence_length=args.seq_len,
+                sparsities=args.sparsities, block_size=args.block_size, sink_blocks=args.sink_blocks,
+                local_blocks=args.local_blocks, output_dir=args.out,
+            )  # fmt: skip
+        else:
+            calibration = calibrate_bsfa(
+                model, args.data, tokenizer=tokenizer, k=args.k, samples=args.samples, sequence_length=args.seq_len,
+                target_skip=args.target_skip, aggregate=args.aggregate, block_m=args.block_m, block_n=args.block_n,
+                output_dir=args.out,
+            )  # fmt: skip
     except (AssetUnavailable, ArtifactError, ValueError, TypeError, OSError) as error:
-        return _user_error("calibrate bsfa", error)
+        return _user_error(f"calibrate {args.method}", error)
+    if args.method == "seer":
+        return _report_seer_budgets(budgets, args.out)
     details = calibration.details
     print(f"calibrated {details['samples']} x {details['sequence_length']} tokens of {details['data']} "
           f"in {details['seconds']:.1f} s; tiles {calibration.block_m}x{calibration.block_n}")  # fmt: skip
     for k, fraction in zip(calibration.k_values, _mean_skip(calibration)):
         print(f"  k={k:<4} skips {fraction:6.1%} of skippable tiles on the calibration windows")
     print(f"default k per layer: {sorted(set(calibration.layer_k.values()))}; artifact written to {args.out}")
+    return 0
+
+
+def _report_seer_budgets(budgets, out) -> int:
+    import torch
+
+    details = budgets.details
+    print(f"calibrated {details['samples']} x {details['sequence_length']} tokens of {details['data']} "
+          f"in {details['seconds']:.1f} s; blocks of {budgets.block_size}")  # fmt: skip
+    table = torch.stack([budgets.weights[index] for index in sorted(budgets.weights)], dim=1)  # (grid, layers, heads)
+    for sparsity, weights in zip(budgets.sparsities, table):
+        print(f"  sparsity {sparsity:.2f}: head weights {weights.min():.2f}-{weights.max():.2f} (mean 1)")
+    print(f"artifact written to {out}; use it as patch(model, 'seer', budgets=DIR) or --config seer.budgets=DIR")
     return 0
 
 
@@ -261,8 +284,10 @@ def _method_config(items: list[str] | None) -> dict[str, dict]:
 
 
 def _add_calibrate_parser(commands) -> None:
-    calibration = commands.add_parser("calibrate", help="calibrate a method's per-layer state (BSFA thresholds)")
-    methods = calibration.add_subparsers(dest="method", required=True, metavar="{bsfa}")
+    calibration = commands.add_parser(
+        "calibrate", help="calibrate a method's per-layer state (BSFA thresholds, Seer budgets)"
+    )
+    methods = calibration.add_subparsers(dest="method", required=True, metavar="{bsfa,seer}")
     bsfa = methods.add_parser(
         "bsfa",
         help="BSFA thresholds per (layer, head, query tile) from tile maxima on training text",
@@ -281,6 +306,24 @@ def _add_calibrate_parser(commands) -> None:
     bsfa.add_argument("--out", required=True, metavar="DIR", help="artifact folder (created)")
     bsfa.add_argument("--device", help="default: cuda if available, else cpu")
     bsfa.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
+    seer = methods.add_parser(
+        "seer",
+        help="SeerAttention budget weights per (layer, KV head) from the ground-truth block map on training text",
+        description="Calibrate how a model-wide block budget is shared between layers and KV heads, on the training "
+        "split (never the evaluation text), and save an artifact for patch(model, 'seer', budgets=DIR) or "
+        "--config seer.budgets=DIR.",
+    )
+    seer.add_argument("--model", default="smollm2", help="asset name, local folder or hub id (default: smollm2)")
+    seer.add_argument("--data", default="default", help="default (Austen train + Python docs), austen or pydocs")
+    seer.add_argument("--samples", type=int, default=4, help="calibration windows (default: 4)")
+    seer.add_argument("--seq-len", type=int, help="tokens per window (default: the model's maximum, at most 8192)")
+    seer.add_argument("--sparsities", type=float, nargs="+", help="grid of sparsities (default: 0 0.3 0.5-0.9 0.95)")
+    seer.add_argument("--block-size", type=int, default=64, help="block size of the gates (default: 64)")
+    seer.add_argument("--sink-blocks", type=int, default=1, help="always-kept first blocks (default: 1)")
+    seer.add_argument("--local-blocks", type=int, default=1, help="always-kept local blocks (default: 1)")
+    seer.add_argument("--out", required=True, metavar="DIR", help="artifact folder (created)")
+    seer.add_argument("--device", help="default: cuda if available, else cpu")
+    seer.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
 
 
 class _Parser(argparse.ArgumentParser):

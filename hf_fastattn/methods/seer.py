@@ -18,6 +18,9 @@ Configuration (``patch(model, "seer", ...)``):
   with spread-out attention keep more than rows with concentrated attention (the realised density is the same).
   On SmolLM2 ``"head"`` gives the better perplexity and the worse needle retrieval (``benchmarks/results``).
 * Per-layer values go through ``patch(..., layers={i: ("seer", {"sparsity": 0.8})})``.
+* ``budgets`` for ``sparsity`` (implies ``allocation="head"``): calibrated per-(layer, KV head) budget weights
+  (:func:`hf_fastattn.calibrate_seer_budgets` or ``hf-fastattn calibrate seer``, a directory or the object): heads
+  whose attention is spread get more blocks and concentrated ones fewer, at the same model-wide density.
 * ``sink_blocks`` (default 1) and ``local_blocks`` (default 1, the diagonal): always kept, counted in the budget.
 * ``block_size`` (64) and ``gate_dim`` (128): fixed by trained gates.
 * ``decode``: the decode-step strategy every method takes (decode runs the shared exact decode kernels).
@@ -71,8 +74,10 @@ MODES = ("gate", "oracle")
 # Keys in LayerState.counters: selected key blocks (a device tensor, no host sync) and visible ones (an int).
 _COUNTS = "seer_blocks"
 _VISIBLE = "seer_visible_blocks"
-# Attribute set by gate training: a callable receiving (log_probs, target) per prefill; the layer then runs dense.
+# Attribute set by gate training: a callable receiving (log_probs, valid, target) per prefill; the layer then runs dense.
 GATE_LOSS_SINK = "seer_gate_loss_sink"
+# Attribute set by budget calibration: a callable receiving (target, causal) per prefill; the layer then runs dense.
+TARGET_SINK = "seer_target_sink"
 _SELECTION_RULES = ("sparsity", "topk", "threshold")
 
 
@@ -215,12 +220,16 @@ def _run(ops: _Ops, query, key, value, *, causal, scale, key_padding, state, pos
     if query.shape[2] != key.shape[2]:  # a cached prefix (chunked prefill): the gates score whole sequences only
         return ops.dense(query, key, value, causal=causal, scale=scale, key_padding=key_padding)
     sink = getattr(state, GATE_LOSS_SINK, None)
+    target_sink = getattr(state, TARGET_SINK, None)
     threshold = config.get("threshold")
-    if sink is not None or config["mode"] == "oracle":
+    if sink is not None or target_sink is not None or config["mode"] == "oracle":
         out, target = ops.target(
             query, key, value, causal=causal, scale=scale, key_padding=key_padding, block_size=block
         )
         target = normalise_target(target, key.shape[1])
+        if target_sink is not None:
+            target_sink(target, causal)
+            return out
         if sink is not None:
             log_probs, valid = _gate_scores(ops, state, query, key, causal, key_padding, position_ids)
             sink(log_probs, valid, target)
@@ -235,6 +244,9 @@ def _run(ops: _Ops, query, key, value, *, causal, scale, key_padding, state, pos
     rule = {name: config[name] for name in ("sparsity", "topk") if config.get(name) is not None}
     if threshold is not None:
         rule["threshold"] = threshold
+    head_weights = state.__dict__.get("_head_weights")
+    if head_weights is not None:
+        rule["head_weights"] = head_weights
     selection = ops.select(
         scores, seq_q=seq, seq_k=seq, causal=causal, block_size=block,
         sink_blocks=config["sink_blocks"], local_blocks=config["local_blocks"], allocation=config["allocation"], **rule,
@@ -315,7 +327,7 @@ def seer_statistics(state: LayerState) -> dict:
 
 _DEFAULTS = {"mode": "gate", "block_size": DEFAULT_BLOCK_SIZE, "gate_dim": DEFAULT_GATE_DIM, "sink_blocks": 1,
              "local_blocks": 1, "allocation": "row"}  # fmt: skip
-_USER_KEYS = {"gates", *_DEFAULTS, *_SELECTION_RULES}
+_USER_KEYS = {"gates", "budgets", *_DEFAULTS, *_SELECTION_RULES}
 
 
 def _prepare(model, states: list[LayerState]) -> None:
@@ -323,6 +335,11 @@ def _prepare(model, states: list[LayerState]) -> None:
         _check_config(state.config)
     sources = {str(state.config["gates"]) for state in states if state.config.get("gates") is not None}
     artifacts = {source: _read_gates(model, Path(source)) for source in sources}
+    budgets = {}
+    for state in states:
+        source = state.config.get("budgets")
+        if source is not None and id(source) not in budgets:
+            budgets[id(source)] = _read_budgets(source)
     rope_theta, rotary = _rope(model)
     if rotary is not None:
         rotary = _LastRotaryTables(rotary)
@@ -332,10 +349,14 @@ def _prepare(model, states: list[LayerState]) -> None:
         source = config.pop("gates", None)
         if source is not None:
             _apply_artifact_settings(config, artifacts[str(source)], state.layer_index)
+        if config.get("budgets") is not None:
+            config.setdefault("allocation", "head")
         for name, value in _DEFAULTS.items():
             config.setdefault(name, value)
         if not any(config.get(rule) is not None for rule in _SELECTION_RULES):
             config["sparsity"] = 0.5
+        if config.get("budgets") is not None:
+            _apply_budgets(model, state, budgets[id(config["budgets"])])
         module_config = model.config
         heads = module_config.num_attention_heads
         kv_heads = getattr(module_config, "num_key_value_heads", None) or heads
@@ -387,6 +408,11 @@ def _check_config(config: dict) -> None:
         raise ValueError(f"fastattn_seer allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     if allocation != "row" and rules not in ([], ["sparsity"]):
         raise ValueError(f"allocation={allocation!r} applies to the sparsity rule, not {rules[0]}")
+    if config.get("budgets") is not None:
+        if rules not in ([], ["sparsity"]):
+            raise ValueError(f"budgets apply to the sparsity rule, not {rules[0]}")
+        if config.get("allocation", "head") != "head":
+            raise ValueError("budgets share blocks between heads: they need allocation='head' (the default with them)")
 
 
 def _rope(model) -> tuple[float | None, nn.Module | None]:
@@ -416,6 +442,23 @@ def _read_gates(model, directory: Path) -> dict:
     if not layers:
         raise ArtifactError(f"artifact {directory} holds no SeerAttention gates")
     return {"layers": layers, "tensors": tensors}
+
+
+def _read_budgets(source):
+    from ..calibration.seer_budgets import SeerBudgets
+
+    return source if isinstance(source, SeerBudgets) else SeerBudgets.load(Path(source))
+
+
+def _apply_budgets(model, state: LayerState, budgets) -> None:
+    """Install the layer's calibrated head weights for its sparsity; the config keeps where they came from."""
+    config = state.config
+    source = config["budgets"]
+    where = "calibration (in memory)" if budgets is source else str(source)
+    budgets.check(model, block_size=config["block_size"], sink_blocks=config["sink_blocks"],
+                  local_blocks=config["local_blocks"], source=where)  # fmt: skip
+    state.__dict__["_head_weights"] = budgets.head_weights(state.layer_index, config["sparsity"])
+    config["budgets"] = where
 
 
 def _apply_artifact_settings(config: dict, artifact: dict, index: int) -> None:

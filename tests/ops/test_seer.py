@@ -597,19 +597,22 @@ def test_select_blocks_rules(geometry, data):
     assert (selected | ~forced).all(), "a sink or diagonal block was dropped"
 
 
-def expected_head_selection(scores, forced, visible, sparsity):
+def expected_head_selection(scores, forced, visible, sparsity, head_weights=None):
     """``allocation="head"`` with Python sorting: per (batch, head), the forced blocks plus the best other visible
-    blocks of any row (ties: lowest row-major index), ``ceil((1 - sparsity) * visible)`` blocks in all."""
-    nq, nk = scores.shape[-2:]
+    blocks of any row (ties: lowest row-major index), ``ceil((1 - sparsity) * visible)`` blocks in all. With
+    ``head_weights``, head ``h`` chooses ``min(free, floor(w_h * need + 1/2))`` blocks beyond the forced ones."""
+    batch, heads, nq, nk = scores.shape
     budget = math.ceil((1 - Fraction(sparsity).limit_denominator(100)) * int(visible.sum()))
     expected = torch.zeros(scores.shape, dtype=torch.bool)
-    flat_scores, flat_expected = scores.reshape(-1, nq, nk), expected.view(-1, nq, nk)
     free = [(m, n) for m in range(nq) for n in range(nk) if visible[m, n] and not forced[m, n]]
-    for b in range(flat_scores.shape[0]):
-        flat_expected[b] = forced & visible
-        ranked = sorted(free, key=lambda mn: -flat_scores[b, mn[0], mn[1]].item())  # sorted() is stable
-        for m, n in ranked[: max(0, budget - int((forced & visible).sum()))]:
-            flat_expected[b, m, n] = True
+    need = min(len(free), max(0, budget - int((forced & visible).sum())))
+    for b in range(batch):
+        for h in range(heads):
+            head_need = need if head_weights is None else min(len(free), math.floor(head_weights[h] * need + 0.5))
+            expected[b, h] = forced & visible
+            ranked = sorted(free, key=lambda mn: -scores[b, h, mn[0], mn[1]].item())  # sorted() is stable
+            for m, n in ranked[:head_need]:
+                expected[b, h, m, n] = True
     return expected
 
 
@@ -624,11 +627,13 @@ def test_select_blocks_head_allocation(geometry, data):
     scores = torch.randint(0, 5, (batch, heads, nq, nk), generator=gen).float()  # coarse: many ties
     scores[torch.rand(scores.shape, generator=gen) < 0.2] = NEG_INF  # padded key blocks
     sparsity = data.draw(st.integers(0, 19), label="sparsity / 20") / 20
+    head_weights = data.draw(st.none() | st.lists(st.sampled_from([0.0, 0.3, 1.0, 1.3, 2.7]), min_size=heads,
+                                                   max_size=heads), label="head_weights")  # fmt: skip
     visible, _ = block_geometry(seq_q, seq_k, causal=causal, block_size=block_size)
     forced = expected_forced(seq_q, seq_k, causal=causal, block_size=block_size)
     kw = {"seq_q": seq_q, "seq_k": seq_k, "causal": causal, "block_size": block_size}
-    selected = select_blocks(scores, sparsity=sparsity, allocation="head", **kw)
-    expected = expected_head_selection(scores, forced, visible, sparsity)
+    selected = select_blocks(scores, sparsity=sparsity, allocation="head", head_weights=head_weights, **kw)
+    expected = expected_head_selection(scores, forced, visible, sparsity, head_weights)
     assert torch.equal(selected, expected), f"{sparsity}:\n{selected.int()}\n!= expected\n{expected.int()}"
 
 
@@ -641,9 +646,11 @@ def test_selection_kernel_equals_reference(geometry, data):
     nq, nk = num_blocks(seq_q, block_size), num_blocks(seq_k, block_size)
     batch, heads = data.draw(st.integers(1, 2), label="batch"), data.draw(st.integers(1, 3), label="heads")
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
-    rule_name = data.draw(st.sampled_from(["threshold", "topk", "sparsity", "sparsity-head"]), label="rule")
+    rule_name = data.draw(
+        st.sampled_from(["threshold", "topk", "sparsity", "sparsity-head", "sparsity-head-weighted"]), label="rule"
+    )
     sink, local = data.draw(st.sampled_from([(1, 1), (0, 1), (2, 3)]), label="sink, local")
-    if rule_name == "sparsity-head":  # ties and -inf: the head rule resolves them like the reference
+    if rule_name.startswith("sparsity-head"):  # ties and -inf: the head rule resolves them like the reference
         scores = torch.randint(0, 5, (batch, heads, nq, nk), generator=gen).float()
         scores[torch.rand(scores.shape, generator=gen) < 0.2] = NEG_INF
     else:  # the per-row kernel matches the reference on finite scores
@@ -653,6 +660,13 @@ def test_selection_kernel_equals_reference(geometry, data):
         "topk": {"topk": data.draw(st.integers(0, nk + 1), label="topk")},
         "sparsity": {"sparsity": data.draw(st.integers(0, 19), label="s") / 20},
         "sparsity-head": {"sparsity": data.draw(st.integers(0, 19), label="s") / 20, "allocation": "head"},
+        "sparsity-head-weighted": {
+            "sparsity": data.draw(st.integers(0, 19), label="s") / 20,
+            "allocation": "head",
+            "head_weights": data.draw(
+                st.lists(st.sampled_from([0.0, 0.4, 1.0, 1.7, 4.0]), min_size=heads, max_size=heads), label="w"
+            ),
+        },
     }[rule_name]
     kw = {"seq_q": seq_q, "seq_k": seq_k, "causal": causal, "block_size": block_size}
     kernel = select_block_lists(scores.to(DEVICE), sink_blocks=sink, local_blocks=local, **kw, **rule)
@@ -689,6 +703,12 @@ def test_select_blocks_rejects_bad_rules():
     for sparsity in (1.0, -0.1):
         with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
             select_blocks(scores, sparsity=sparsity, **kw)
+    with pytest.raises(ValueError, match="head_weights scale the budgets of allocation='head' only"):
+        select_blocks(scores, sparsity=0.5, head_weights=[1.0], **kw)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        select_blocks(scores, sparsity=0.5, allocation="head", head_weights=[-1.0], **kw)
+    with pytest.raises(ValueError, match="1 entries for block scores of 2 heads"):
+        select_blocks(torch.rand(1, 2, 2, 2), sparsity=0.5, allocation="head", head_weights=[1.0], **kw)
     with pytest.raises(ValueError, match=r"expected \(NQ, NK\) = \(2, 2\)"):
         select_blocks(torch.rand(1, 1, 2, 3), threshold=0.5, **kw)
     # Zero is a rule, not "no rule".

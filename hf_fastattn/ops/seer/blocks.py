@@ -111,7 +111,7 @@ def _free_blocks(seq_q, seq_k, causal, block_size, sink_blocks, local_blocks, de
 
 
 def check_selection_rule(
-    threshold: float | None, topk: int | None, sparsity: float | None, allocation: str = "row"
+    threshold: float | None, topk: int | None, sparsity: float | None, allocation: str = "row", head_weights=None
 ) -> None:
     """Exactly one rule, with a valid value; raises ValueError."""
     rules = [
@@ -127,6 +127,24 @@ def check_selection_rule(
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     if allocation != "row" and sparsity is None:
         raise ValueError(f"allocation={allocation!r} applies to the sparsity rule only")
+    if head_weights is not None:
+        if allocation != "head":
+            raise ValueError("head_weights scale the budgets of allocation='head' only")
+        if not all(math.isfinite(weight) and weight >= 0 for weight in head_weights):
+            raise ValueError(f"head_weights must be finite and >= 0, got {list(head_weights)}")
+
+
+def check_head_weights(head_weights, heads: int) -> None:
+    if head_weights is not None and len(head_weights) != heads:
+        raise ValueError(f"head_weights has {len(head_weights)} entries for block scores of {heads} heads")
+
+
+@functools.lru_cache(maxsize=256)
+def weighted_head_needs(need: int, free: int, head_weights: tuple[float, ...]) -> tuple[int, ...]:
+    """Blocks each head chooses when calibrated weights scale the uniform ``need`` (:func:`head_need`): the weights
+    have mean 1 over all heads of all layers (:mod:`hf_fastattn.calibration.seer_budgets`), so the model's average
+    density stays the requested one; each head's share is rounded half up and capped at its ``free`` blocks."""
+    return tuple(min(free, math.floor(weight * need + 0.5)) for weight in head_weights)
 
 
 def row_budgets(
@@ -159,6 +177,7 @@ def select_blocks(
     sink_blocks: int = 1,
     local_blocks: int = 1,
     allocation: str = "row",
+    head_weights: tuple[float, ...] | None = None,
 ) -> torch.Tensor:
     """Bool ``(B, H, NQ, NK)`` block mask from block scores (gate probabilities or a ground-truth map).
 
@@ -169,9 +188,12 @@ def select_blocks(
     (batch, head) and goes to the best blocks of any row, so rows whose attention is spread keep more than rows
     whose attention is concentrated. Scores must then be comparable across rows (row-normalised probabilities or
     log-probabilities). The sink and local blocks are always kept and count towards the budget; invisible blocks are
-    never selected. Ties at the cut go to the lowest block index (row-major for ``"head"``).
+    never selected. Ties at the cut go to the lowest block index (row-major for ``"head"``). ``head_weights`` (one per
+    head, ``"head"`` only) scale each head's share of the budget beyond the always-kept blocks
+    (:func:`weighted_head_needs`): calibrated budgets that give heads with spread-out attention more blocks.
     """
-    check_selection_rule(threshold, topk, sparsity, allocation)
+    check_selection_rule(threshold, topk, sparsity, allocation, head_weights)
+    check_head_weights(head_weights, scores.shape[1])
     device = scores.device
     visible, _ = visible_blocks(seq_q, seq_k, causal=causal, block_size=block_size, device=device)
     if scores.shape[-2:] != visible.shape:
@@ -189,11 +211,17 @@ def select_blocks(
         ).flatten()  # fmt: skip
         need = head_need(seq_q, seq_k, causal=causal, block_size=block_size, sparsity=sparsity,
                          sink_blocks=sink_blocks, local_blocks=local_blocks)  # fmt: skip
+        needs = [need] * scores.shape[1]
+        if head_weights is not None:
+            needs = weighted_head_needs(need, int(free.sum()), tuple(map(float, head_weights)))
         ranked = scores.float().flatten(-2).masked_fill(~free, float("-inf"))
         # Best score first, ties by block index (stable); then, stably, every free block before the others.
         order = ranked.argsort(dim=-1, descending=True, stable=True)
         order = order.gather(-1, (~free[order]).to(torch.uint8).argsort(dim=-1, stable=True))
-        taken = torch.zeros_like(free.expand_as(ranked)).scatter(-1, order[..., :need], True)
+        position = torch.empty_like(order).scatter_(
+            -1, order, torch.arange(order.shape[-1], device=device).expand_as(order)
+        )
+        taken = position < torch.tensor(needs, device=device)[:, None]
         return (taken.view(scores.shape) & visible) | forced
     ranked = scores.float().masked_fill(~visible, float("-inf")).masked_fill(forced, float("inf"))
     budget = row_budgets(

@@ -9,14 +9,16 @@ selection launch-bound. One program per (batch, mask head, query block) row:
    always-kept first, then the best of the rest. The budget's cut value is found by bisection on the scores' sortable
    integer keys (32 halvings), and ties at the cut go to the lowest block index, like a stable descending sort.
    ``sparsity`` with ``allocation="head"`` shares one budget among the rows of a (batch, head): its cut value is
-   found beforehand by ``torch.topk`` over the head's free blocks, and each row gets the cut and how many blocks
-   tied with it the row may still take (ties go to the lowest row-major index);
+   found beforehand by ``torch.topk`` over the head's free blocks (calibrated ``head_weights`` give each head its own
+   budget), and each row gets the cut and how many blocks tied with it the row may still take (ties go to the lowest
+   row-major index);
 3. compaction: the selected full (then partial) blocks in ascending order, followed by the unselected ones, so each
    index row is a permutation of the key blocks, as in the PyTorch path.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -24,7 +26,16 @@ import triton
 import triton.language as tl
 
 from .._runtime import check_tile_size, next_power_of_2
-from .blocks import BlockSelection, check_selection_rule, free_blocks, head_need, num_blocks, row_budgets
+from .blocks import (
+    BlockSelection,
+    check_head_weights,
+    check_selection_rule,
+    free_blocks,
+    head_need,
+    num_blocks,
+    row_budgets,
+    weighted_head_needs,
+)
 
 
 @triton.jit
@@ -121,15 +132,17 @@ def select_block_lists(
     sink_blocks: int = 1,
     local_blocks: int = 1,
     allocation: str = "row",
+    head_weights: tuple[float, ...] | None = None,
 ) -> BlockSelection:
     """:func:`~hf_fastattn.ops.seer.blocks.select_blocks` followed by ``selection_from_mask``, in one kernel.
 
     ``scores`` ``(B, H, NQ, NK)`` ranks blocks (probabilities, log-probabilities or a ground-truth map: any monotone
     score; ``threshold`` is in the same units).
     """
-    check_selection_rule(threshold, topk, sparsity, allocation)
+    check_selection_rule(threshold, topk, sparsity, allocation, head_weights)
     check_tile_size("block_size", block_size)
     batch, heads, nq, nk = scores.shape
+    check_head_weights(head_weights, heads)
     if (nq, nk) != (num_blocks(seq_q, block_size), num_blocks(seq_k, block_size)):
         raise ValueError(f"block scores end in {(nq, nk)}, expected (NQ, NK) for S_q={seq_q}, S_kv={seq_k}")
     device = scores.device
@@ -138,7 +151,9 @@ def select_block_lists(
     head_cut = allocation == "head"
     cut = tie_room = budget = torch.empty(1, dtype=torch.int32, device=device)
     if head_cut:
-        cut, tie_room = _head_cuts(scores, seq_q, seq_k, causal, block_size, sparsity, sink_blocks, local_blocks)
+        cut, tie_room = _head_cuts(
+            scores, seq_q, seq_k, causal, block_size, sparsity, sink_blocks, local_blocks, head_weights
+        )
     elif threshold is None:
         budget = row_budgets(
             seq_q, seq_k, causal=causal, block_size=block_size, topk=topk, sparsity=sparsity, device=device
@@ -157,10 +172,10 @@ def select_block_lists(
     return BlockSelection(full_count, full_index, partial_count, partial_index, block_size)
 
 
-def _head_cuts(scores, seq_q, seq_k, causal, block_size, sparsity, sink_blocks, local_blocks):
+def _head_cuts(scores, seq_q, seq_k, causal, block_size, sparsity, sink_blocks, local_blocks, head_weights):
     """Per (batch, head) ``(B, H)``: the cut score (the ``need``-th best free block's, float32); per row
     ``(B, H, NQ)``: how many free blocks scoring exactly the cut the row may take, so that the head takes ``need`` in
-    row-major order."""
+    row-major order. ``need`` is the same for every head, or each head's own under ``head_weights``."""
     batch, heads = scores.shape[:2]
     free = free_blocks(
         seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks,
@@ -171,11 +186,26 @@ def _head_cuts(scores, seq_q, seq_k, causal, block_size, sparsity, sink_blocks, 
         local_blocks=local_blocks,
     )  # fmt: skip
     ranked = scores.float().masked_fill(~free, float("-inf"))
-    if need == 0:
-        cut = torch.full((batch, heads), float("inf"), device=scores.device)
+    if head_weights is None:
+        if need == 0:
+            cut = torch.full((batch, heads), float("inf"), device=scores.device)
+        else:
+            cut = ranked.flatten(-2).topk(need, dim=-1, sorted=False).values.amin(-1)
     else:
-        cut = ranked.flatten(-2).topk(need, dim=-1, sorted=False).values.amin(-1)
+        needs = weighted_head_needs(need, int(free.sum()), tuple(map(float, head_weights)))
+        need = _device_needs(needs, str(scores.device))
+        cut = torch.full((batch, heads), float("inf"), device=scores.device)
+        if max(needs) > 0:
+            best = ranked.flatten(-2).topk(max(needs), dim=-1, sorted=True).values
+            nth_best = best.gather(-1, (need - 1).clamp(min=0).view(1, heads, 1).expand(batch, heads, 1))[..., 0]
+            cut = torch.where(need > 0, nth_best, cut)
     above = (ranked > cut[..., None, None]).sum((-2, -1), dtype=torch.int32)
     ties = ((ranked == cut[..., None, None]) & free).sum(-1, dtype=torch.int32)
     tie_room = (need - above)[..., None] - (ties.cumsum(-1, dtype=torch.int32) - ties)
     return cut.contiguous(), tie_room.clamp(min=0).contiguous()
+
+
+@functools.lru_cache(maxsize=256)
+def _device_needs(needs: tuple[int, ...], device: str) -> torch.Tensor:
+    """Per-head needs as a cached int32 device tensor (read-only): one copy per geometry, not one per call."""
+    return torch.tensor(needs, dtype=torch.int32, device=device)
