@@ -47,7 +47,7 @@ class GateTrainingConfig:
     data: str = "default"  # token_windows: "default" (Austen train + Python docs), "austen", "pydocs"
     sequence_length: int = 8192
     samples: int = 160
-    epochs: float = 4.0
+    epochs: float = 8.0
     max_steps: int = -1
     global_batch_size: int = 4
     per_device_batch_size: int = 1
