@@ -186,23 +186,35 @@ def _head_cuts(scores, seq_q, seq_k, causal, block_size, sparsity, sink_blocks, 
         local_blocks=local_blocks,
     )  # fmt: skip
     ranked = scores.float().masked_fill(~free, float("-inf"))
-    if head_weights is None:
-        if need == 0:
-            cut = torch.full((batch, heads), float("inf"), device=scores.device)
-        else:
-            cut = ranked.flatten(-2).topk(need, dim=-1, sorted=False).values.amin(-1)
-    else:
+    if head_weights is not None:
         needs = weighted_head_needs(need, int(free.sum()), tuple(map(float, head_weights)))
         need = _device_needs(needs, str(scores.device))
-        cut = torch.full((batch, heads), float("inf"), device=scores.device)
         if max(needs) > 0:
-            best = ranked.flatten(-2).topk(max(needs), dim=-1, sorted=True).values
-            nth_best = best.gather(-1, (need - 1).clamp(min=0).view(1, heads, 1).expand(batch, heads, 1))[..., 0]
-            cut = torch.where(need > 0, nth_best, cut)
+            # The need_h-th best of head h is the k-th best once k - need_h entries of +inf are added to its blocks
+            # (k = the largest need): one unsorted top-k for every head, as in the uniform case.
+            flat = torch.cat([ranked.flatten(-2), _cut_padding(needs, str(scores.device)).expand(batch, -1, -1)], -1)
+            cut = flat.topk(max(needs), dim=-1, sorted=False).values.amin(-1)
+        else:
+            cut = torch.full((batch, heads), float("inf"), device=scores.device)
+    elif need == 0:
+        cut = torch.full((batch, heads), float("inf"), device=scores.device)
+    else:
+        cut = ranked.flatten(-2).topk(need, dim=-1, sorted=False).values.amin(-1)
     above = (ranked > cut[..., None, None]).sum((-2, -1), dtype=torch.int32)
     ties = ((ranked == cut[..., None, None]) & free).sum(-1, dtype=torch.int32)
     tie_room = (need - above)[..., None] - (ties.cumsum(-1, dtype=torch.int32) - ties)
     return cut.contiguous(), tie_room.clamp(min=0).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _cut_padding(needs: tuple[int, ...], device: str) -> torch.Tensor:
+    """``(H, max(needs))`` fp32: ``max(needs) - need_h`` entries of +inf, then -inf (cached, read-only)."""
+    width = max(needs)
+    return torch.where(
+        torch.arange(width, device=device) < torch.tensor([width - n for n in needs], device=device)[:, None],
+        float("inf"),
+        float("-inf"),
+    )
 
 
 @functools.lru_cache(maxsize=256)
