@@ -925,3 +925,35 @@ def test_seer_gpu_shapes(case):
     check_all_blocks_equal_dense(
         q, k, v, causal=causal, key_padding=key_padding, block_size=block_size, mask_heads=kv_heads
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize(
+    "rule",
+    [{}, {"allocation": "head"}, {"allocation": "head", "head_weights": (0.2, 0.6, 1.4, 1.8)}],
+    ids=["row", "head", "head-weighted"],
+)
+def test_selection_is_graph_capturable_without_host_sync(rule):
+    """The method's selection runs inside a CUDA graph: no host sync (sync debug mode raises on one) and the replay
+    on new scores equals an eager call on them."""
+    seq, block_size = 4096, 64
+    nb = seq // block_size
+    kw = {"seq_q": seq, "seq_k": seq, "causal": True, "block_size": block_size, "sparsity": 0.8, **rule}
+    scores = torch.randn(1, 4, nb, nb, device="cuda")
+    select_block_lists(scores, **kw)  # warm-up: Triton compilation and the cached geometry
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        select_block_lists(scores, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = select_block_lists(scores, **kw)
+    scores.copy_(torch.randn_like(scores))
+    graph.replay()
+    expected = select_block_lists(scores, **kw)
+    for name, got, want in zip(BlockSelection._fields, captured, expected):
+        if name != "block_size":
+            assert torch.equal(got, want), name

@@ -213,7 +213,9 @@ def select_blocks(
                          sink_blocks=sink_blocks, local_blocks=local_blocks)  # fmt: skip
         needs = [need] * scores.shape[1]
         if head_weights is not None:
-            needs = weighted_head_needs(need, int(free.sum()), tuple(map(float, head_weights)))
+            count = free_block_count(seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks,
+                                     local_blocks=local_blocks)  # fmt: skip
+            needs = weighted_head_needs(need, count, tuple(map(float, head_weights)))
         ranked = scores.float().flatten(-2).masked_fill(~free, float("-inf"))
         # Best score first, ties by block index (stable); then, stably, every free block before the others.
         order = ranked.argsort(dim=-1, descending=True, stable=True)
@@ -239,12 +241,23 @@ def head_need(
     """Blocks one (batch, head) chooses beyond the always-kept ones under ``sparsity`` with ``allocation="head"``:
     the budget ``ceil((1 - sparsity) * visible)`` less the always-kept blocks, at most the blocks left to choose."""
     visible, _ = visible_blocks(seq_q, seq_k, causal=causal, block_size=block_size)
+    free = free_block_count(
+        seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks
+    )
+    always_kept = int(visible.sum()) - free
+    budget = math.ceil((1.0 - sparsity) * int(visible.sum()) - 1e-6)
+    return max(0, min(budget - always_kept, free))
+
+
+@functools.lru_cache(maxsize=256)
+def free_block_count(
+    seq_q: int, seq_k: int, *, causal: bool, block_size: int, sink_blocks: int, local_blocks: int
+) -> int:
+    """How many blocks of one (batch, head) a rule chooses among, from the geometry on the CPU (no device sync)."""
     free = free_blocks(
         seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks
     )
-    always_kept = int(visible.sum()) - int(free.sum())
-    budget = math.ceil((1.0 - sparsity) * int(visible.sum()) - 1e-6)
-    return max(0, min(budget - always_kept, int(free.sum())))
+    return int(free.sum())
 
 
 def selection_from_mask(

@@ -30,6 +30,7 @@ from .blocks import (
     BlockSelection,
     check_head_weights,
     check_selection_rule,
+    free_block_count,
     free_blocks,
     head_need,
     num_blocks,
@@ -187,7 +188,9 @@ def _head_cuts(scores, seq_q, seq_k, causal, block_size, sparsity, sink_blocks, 
     )  # fmt: skip
     ranked = scores.float().masked_fill(~free, float("-inf"))
     if head_weights is not None:
-        needs = weighted_head_needs(need, int(free.sum()), tuple(map(float, head_weights)))
+        count = free_block_count(seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks,
+                                 local_blocks=local_blocks)  # fmt: skip
+        needs = weighted_head_needs(need, count, tuple(map(float, head_weights)))
         need = _device_needs(needs, str(scores.device))
         if max(needs) > 0:
             # The need_h-th best of head h is the k-th best once k - need_h entries of +inf are added to its blocks
