@@ -255,7 +255,7 @@ def test_gate_selection_runs_the_block_sparse_kernel(arch, rule, density, monkey
     rule makes from the gate's probabilities, and the realised density is those selections' count. No sink block, so
     that most rows have a choice to make."""
     reference, model = model_pair(arch)
-    rule = {**rule, "sink_blocks": 0, "local_blocks": 1}
+    rule = {**rule, "sink_blocks": 0, "local_blocks": 1, "tail_blocks": 0}
     hf_fastattn.patch(model, "seer", block_size=BLOCK, gate_dim=GATE_DIM, **rule)
     spy = Spy(monkeypatch)
     seq = 80 if arch == "llama" else 64
@@ -278,11 +278,31 @@ def test_gate_selection_runs_the_block_sparse_kernel(arch, rule, density, monkey
     assert (got[valid] - output(reference, ids, mask)[valid]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("tail_blocks", [None, 0, 2])
+def test_last_query_blocks_attend_to_every_visible_block(tail_blocks, monkeypatch):
+    """``tail_blocks`` (default 1): the last query blocks keep every visible key block, whatever the gate scores;
+    with 0 they follow the rule like every other row (at 80%: the diagonal only, for these short rows)."""
+    _, model = model_pair()
+    config = {} if tail_blocks is None else {"tail_blocks": tail_blocks}
+    hf_fastattn.patch(model, "seer", sparsity=0.8, block_size=BLOCK, gate_dim=GATE_DIM, sink_blocks=0, **config)
+    randomise_gates(model)
+    spy = Spy(monkeypatch)
+    output(model, *prompt(seq=80, pad=0))
+    spy.assert_sparse_kernel_ran(LAYERS)
+    visible, _ = visible_blocks(80, 80, causal=True, block_size=BLOCK)
+    tail = 1 if tail_blocks is None else tail_blocks
+    for call in spy.sparse:
+        mask = selection_mask(call["args"][0])  # (B, H_kv, NQ, NK)
+        for m in range(visible.shape[0]):
+            full_row = (mask[:, :, m] == visible[m]).all()
+            assert bool(full_row) == (m >= visible.shape[0] - tail or m == 0), f"tail {tail}, query block {m}"
+
+
 def test_oracle_selects_from_the_ground_truth(monkeypatch, caplog):
     """``mode="oracle"``: the ground-truth kernel runs first and the selection is the sparsity rule applied to its
     normalised (GQA max-pooled) block map, recomputed here by the reference on the recorded q/k/v."""
     _, model = model_pair()
-    rule = {"sparsity": 0.5, "sink_blocks": 0, "local_blocks": 1}
+    rule = {"sparsity": 0.5, "sink_blocks": 0, "local_blocks": 1, "tail_blocks": 0}
     hf_fastattn.patch(model, "seer", mode="oracle", block_size=BLOCK, gate_dim=GATE_DIM, **rule)
     spy = Spy(monkeypatch)
     ids, mask = prompt(seq=64, pad=11)
@@ -537,7 +557,8 @@ def test_gates_load_through_patch(gate_artifact):
     for state in hf_fastattn.layer_states(other):
         # block_size and gate_dim come from the artifact (not the 64 / 128 defaults); "gates" is not kept.
         assert state.config == {
-            "block_size": BLOCK, "gate_dim": GATE_DIM, "mode": "gate", "local_blocks": 1, "allocation": "row", **RULE
+            "block_size": BLOCK, "gate_dim": GATE_DIM, "mode": "gate", "local_blocks": 1, "tail_blocks": 1,
+            "allocation": "row", **RULE,
         }  # fmt: skip
     # Same gates and base weights: the same selections, the same logits.
     _, same = model_pair()
@@ -635,7 +656,7 @@ def test_gradients_fall_back_to_sdpa_with_one_warning(monkeypatch, caplog):
     """A call that needs gradients through attention runs SDPA (dense: eager's answer), warning once; without
     gradients the block-sparse kernel runs again, silently."""
     reference, model = model_pair()
-    hf_fastattn.patch(model, "seer", sparsity=0.5, block_size=BLOCK, gate_dim=GATE_DIM)
+    hf_fastattn.patch(model, "seer", sparsity=0.5, block_size=BLOCK, gate_dim=GATE_DIM, tail_blocks=0)
     spy = Spy(monkeypatch)
     ids, mask = prompt(seq=48, pad=9)
     valid = mask.bool()

@@ -48,6 +48,7 @@ class SeerBudgets:
     block_size: int
     sink_blocks: int
     local_blocks: int
+    tail_blocks: int
     fingerprint: dict
     details: dict = field(default_factory=dict)  # samples, length, data source, seconds
 
@@ -66,13 +67,16 @@ class SeerBudgets:
         mix = (sparsity - s0) / (s1 - s0)
         return tuple(torch.lerp(table[upper - 1], table[upper], mix).tolist())
 
-    def check(self, model: nn.Module, *, block_size: int, sink_blocks: int, local_blocks: int, source) -> None:
+    def check(
+        self, model: nn.Module, *, block_size: int, sink_blocks: int, local_blocks: int, tail_blocks: int, source
+    ) -> None:
         """Raise :class:`~hf_fastattn.ArtifactError` unless these budgets fit ``model`` and the selection geometry."""
         from ..artifacts import ArtifactError, check_fingerprint
 
         check_fingerprint(model, {"fingerprint": self.fingerprint}, source)
-        calibrated = {"block_size": self.block_size, "sink_blocks": self.sink_blocks, "local_blocks": self.local_blocks}
-        requested = {"block_size": block_size, "sink_blocks": sink_blocks, "local_blocks": local_blocks}
+        names = ("block_size", "sink_blocks", "local_blocks", "tail_blocks")
+        calibrated = {name: getattr(self, name) for name in names}
+        requested = dict(zip(names, (block_size, sink_blocks, local_blocks, tail_blocks)))
         if calibrated != requested:
             differing = sorted(name for name in calibrated if calibrated[name] != requested[name])
             raise ArtifactError(
@@ -92,6 +96,7 @@ class SeerBudgets:
             "block_size": self.block_size,
             "sink_blocks": self.sink_blocks,
             "local_blocks": self.local_blocks,
+            "tail_blocks": self.tail_blocks,
             **self.details,
         }
         return write_artifact(directory, self.fingerprint, [], tensors, metadata)
@@ -108,10 +113,11 @@ class SeerBudgets:
                 f"{directory} is not a Seer budget artifact of version {BUDGET_FORMAT_VERSION} (found {version!r})"
             )
         weights = {int(name.split(".")[1]): tensor.float() for name, tensor in tensors.items()}
-        geometry = ("sparsities", "block_size", "sink_blocks", "local_blocks")
+        geometry = ("sparsities", "block_size", "sink_blocks", "local_blocks", "tail_blocks")
         details = {key: value for key, value in metadata.items() if key not in (*geometry, "seer_budget_version")}
-        return cls(**{name: metadata[name] for name in geometry}, weights=weights,
-                   fingerprint=config["fingerprint"], details=details)  # fmt: skip
+        # tail_blocks was added within format version 1: artifacts without it kept no tail block.
+        values = {name: metadata[name] if name != "tail_blocks" else metadata.get(name, 0) for name in geometry}
+        return cls(**values, weights=weights, fingerprint=config["fingerprint"], details=details)
 
 
 def calibrate_seer_budgets(
@@ -125,6 +131,7 @@ def calibrate_seer_budgets(
     block_size: int = DEFAULT_BLOCK_SIZE,
     sink_blocks: int = 1,
     local_blocks: int = 1,
+    tail_blocks: int = 1,
     output_dir: str | Path | None = None,
     progress: bool = True,
 ) -> SeerBudgets:
@@ -144,7 +151,8 @@ def calibrate_seer_budgets(
     start = time.perf_counter()
     windows, source = token_windows(dataset, tokenizer, samples=samples, length=sequence_length)
     device = next(model.parameters()).device
-    geometry = {"block_size": block_size, "sink_blocks": sink_blocks, "local_blocks": local_blocks}
+    geometry = {"block_size": block_size, "sink_blocks": sink_blocks, "local_blocks": local_blocks,
+                "tail_blocks": tail_blocks}  # fmt: skip
     window_targets: dict[int, tuple[torch.Tensor, bool]] = {}  # layer index -> (target, causal), one window
     totals: torch.Tensor | None = None
     layer_indices: list[int] = []
@@ -190,19 +198,17 @@ def calibrate_seer_budgets(
     return budgets
 
 
-def _window_weights(targets, sparsities, length, causal, *, block_size, sink_blocks, local_blocks) -> torch.Tensor:
-    """``(len(sparsities), layers, H_kv)``: one window's weights, each layer's target ``(1, H_kv, NQ, NK)``."""
-    free = free_blocks(
-        length, length, causal=causal, block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks,
-        device=targets[0].device,
-    ).flatten()  # fmt: skip
+def _window_weights(targets, sparsities, length, causal, *, block_size, **always_kept) -> torch.Tensor:
+    """``(len(sparsities), layers, H_kv)``: one window's weights, each layer's target ``(1, H_kv, NQ, NK)``;
+    ``always_kept``: ``sink_blocks``, ``local_blocks``, ``tail_blocks``."""
+    free = free_blocks(length, length, causal=causal, block_size=block_size, device=targets[0].device, **always_kept)
+    free = free.flatten()
     # Every free block's target value, per (layer, head); heads from all layers compete for one budget.
     values = torch.stack([target[0].flatten(-2)[:, free] for target in targets]).float()
     layers, heads, num_free = values.shape
     weights = torch.ones(len(sparsities), layers, heads, device=values.device)
     for g, sparsity in enumerate(sparsities):
-        need = head_need(length, length, causal=causal, block_size=block_size, sparsity=sparsity,
-                         sink_blocks=sink_blocks, local_blocks=local_blocks)  # fmt: skip
+        need = head_need(length, length, causal=causal, block_size=block_size, sparsity=sparsity, **always_kept)
         if need == 0:
             continue  # nothing beyond the always-kept blocks: every head equal
         taken = values.flatten().topk(need * layers * heads).indices // num_free

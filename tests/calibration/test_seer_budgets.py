@@ -29,7 +29,7 @@ SEQ, BLOCK = 96, 16
 NB = SEQ // BLOCK
 VISIBLE = NB * (NB + 1) // 2  # 21
 FREE = [(m, n) for m in range(NB) for n in range(m)]  # below the diagonal: 15
-GEOMETRY = {"block_size": BLOCK, "sink_blocks": 0, "local_blocks": 1}
+GEOMETRY = {"block_size": BLOCK, "sink_blocks": 0, "local_blocks": 1, "tail_blocks": 0}
 GRID = (0.0, 0.3, 0.5, 0.8)
 CONFIG = LlamaConfig(
     vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -81,8 +81,7 @@ def calibrated():
 
 def _averaged(first: SeerBudgets, second: SeerBudgets) -> SeerBudgets:
     weights = {index: (first.weights[index] + second.weights[index]) / 2 for index in first.weights}
-    return SeerBudgets(first.sparsities, weights, first.block_size, first.sink_blocks, first.local_blocks,
-                       first.fingerprint, first.details)  # fmt: skip
+    return dataclasses.replace(first, weights=weights)
 
 
 def expected_weights(window_targets, sparsity: float) -> torch.Tensor:
@@ -129,7 +128,7 @@ def test_artifact_round_trip_and_patch(calibrated, tmp_path):
     directory = budgets.save(tmp_path / "budgets")
     loaded = SeerBudgets.load(directory)
     assert loaded.sparsities == budgets.sparsities and loaded.fingerprint == budgets.fingerprint
-    assert (loaded.block_size, loaded.sink_blocks, loaded.local_blocks) == (BLOCK, 0, 1)
+    assert (loaded.block_size, loaded.sink_blocks, loaded.local_blocks, loaded.tail_blocks) == (BLOCK, 0, 1, 0)
     for layer in budgets.weights:
         assert torch.equal(loaded.weights[layer], budgets.weights[layer])
     for source in (directory, budgets):
@@ -169,8 +168,8 @@ def test_mismatches_are_refused(calibrated, tmp_path):
     model, budgets, _ = calibrated
     directory = budgets.save(tmp_path / "budgets")
     with pytest.raises(ArtifactError, match=r"calibrated with block_size=16, but block_size=32 was requested"):
-        hf_fastattn.patch(model, "seer", budgets=directory, block_size=32, sink_blocks=0)
-    with pytest.raises(ArtifactError, match=r"calibrated with sink_blocks=0, but sink_blocks=1 was requested"):
+        hf_fastattn.patch(model, "seer", budgets=directory, block_size=32, sink_blocks=0, tail_blocks=0)
+    with pytest.raises(ArtifactError, match=r"with sink_blocks=0, tail_blocks=0, but sink_blocks=1, tail_blocks=1 was"):
         hf_fastattn.patch(model, "seer", budgets=directory, block_size=BLOCK)
     bigger_config = copy.deepcopy(CONFIG)
     bigger_config.num_hidden_layers = 3

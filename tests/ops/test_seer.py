@@ -137,10 +137,11 @@ def block_geometry(seq_q, seq_k, *, causal, block_size):
     return (blocks & valid_row).any(dim=(1, 3)), (blocks | ~valid_row).all(dim=(1, 3))
 
 
-def expected_forced(seq_q, seq_k, *, causal, block_size, sink_blocks=1, local_blocks=1):
+def expected_forced(seq_q, seq_k, *, causal, block_size, sink_blocks=1, local_blocks=1, tail_blocks=0):
     """Always-kept blocks, row by row: the first ``sink_blocks`` key blocks; the key block of every row's own key
-    ``i + S_kv - S_q`` (clamped into the keys: the diagonal, possibly two blocks when bottom-right aligned); and the
-    ``local_blocks`` key blocks ending at the last row's; all restricted to visible blocks."""
+    ``i + S_kv - S_q`` (clamped into the keys: the diagonal, possibly two blocks when bottom-right aligned); the
+    ``local_blocks`` key blocks ending at the last row's; every block of the last ``tail_blocks`` query blocks; all
+    restricted to visible blocks."""
     visible, _ = block_geometry(seq_q, seq_k, causal=causal, block_size=block_size)
     nq, nk = visible.shape
     forced = torch.zeros(nq, nk, dtype=torch.bool)
@@ -150,6 +151,8 @@ def expected_forced(seq_q, seq_k, *, causal, block_size, sink_blocks=1, local_bl
         own_blocks = [min(max(i + seq_k - seq_q, 0), seq_k - 1) // block_size for i in rows]
         last = own_blocks[-1]
         forced[m, sorted(set(own_blocks) | set(range(max(0, last - local_blocks + 1), last + 1)))] = True
+        if m >= nq - tail_blocks:
+            forced[m] = True
     return forced & visible
 
 
@@ -526,16 +529,11 @@ def test_visible_and_always_kept_blocks(geometry):
     visible, full = visible_blocks(seq_q, seq_k, causal=causal, block_size=block_size)
     exp_visible, exp_full = block_geometry(seq_q, seq_k, causal=causal, block_size=block_size)
     assert torch.equal(visible, exp_visible) and torch.equal(full, exp_full)
-    for sink, local in [(1, 1), (0, 1), (2, 1), (1, 2), (1, 3)]:
-        forced = always_kept_blocks(
-            seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink, local_blocks=local
-        )
-        expected = expected_forced(
-            seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink, local_blocks=local
-        )
-        assert torch.equal(forced, expected), (
-            f"sink {sink}, local {local}:\n{forced.int()}\n!= expected\n{expected.int()}"
-        )
+    for sink, local, tail in [(1, 1, 0), (0, 1, 0), (2, 1, 0), (1, 2, 0), (1, 3, 0), (1, 1, 1), (0, 1, 2)]:
+        kept = {"sink_blocks": sink, "local_blocks": local, "tail_blocks": tail}
+        forced = always_kept_blocks(seq_q, seq_k, causal=causal, block_size=block_size, **kept)
+        expected = expected_forced(seq_q, seq_k, causal=causal, block_size=block_size, **kept)
+        assert torch.equal(forced, expected), f"{kept}:\n{forced.int()}\n!= expected\n{expected.int()}"
 
 
 @pytest.mark.parametrize(
@@ -568,9 +566,10 @@ def test_select_blocks_rules(geometry, data):
     nq, nk = num_blocks(seq_q, block_size), num_blocks(seq_k, block_size)
     batch, heads = data.draw(st.integers(1, 2), label="batch"), data.draw(st.integers(1, 3), label="heads")
     scores = draw_scores(data, batch, heads, nq, nk)
+    tail = data.draw(st.integers(0, 2), label="tail_blocks")
     visible, _ = block_geometry(seq_q, seq_k, causal=causal, block_size=block_size)
-    forced = expected_forced(seq_q, seq_k, causal=causal, block_size=block_size)
-    kw = {"seq_q": seq_q, "seq_k": seq_k, "causal": causal, "block_size": block_size}
+    forced = expected_forced(seq_q, seq_k, causal=causal, block_size=block_size, tail_blocks=tail)
+    kw = {"seq_q": seq_q, "seq_k": seq_k, "causal": causal, "block_size": block_size, "tail_blocks": tail}
     rule = data.draw(st.sampled_from(["threshold", "topk", "sparsity"]), label="rule")
     if rule == "threshold":
         threshold = data.draw(
@@ -629,9 +628,10 @@ def test_select_blocks_head_allocation(geometry, data):
     sparsity = data.draw(st.integers(0, 19), label="sparsity / 20") / 20
     head_weights = data.draw(st.none() | st.lists(st.sampled_from([0.0, 0.3, 1.0, 1.3, 2.7]), min_size=heads,
                                                    max_size=heads), label="head_weights")  # fmt: skip
+    tail = data.draw(st.integers(0, 2), label="tail_blocks")
     visible, _ = block_geometry(seq_q, seq_k, causal=causal, block_size=block_size)
-    forced = expected_forced(seq_q, seq_k, causal=causal, block_size=block_size)
-    kw = {"seq_q": seq_q, "seq_k": seq_k, "causal": causal, "block_size": block_size}
+    forced = expected_forced(seq_q, seq_k, causal=causal, block_size=block_size, tail_blocks=tail)
+    kw = {"seq_q": seq_q, "seq_k": seq_k, "causal": causal, "block_size": block_size, "tail_blocks": tail}
     selected = select_blocks(scores, sparsity=sparsity, allocation="head", head_weights=head_weights, **kw)
     expected = expected_head_selection(scores, forced, visible, sparsity, head_weights)
     assert torch.equal(selected, expected), f"{sparsity}:\n{selected.int()}\n!= expected\n{expected.int()}"
@@ -649,7 +649,9 @@ def test_selection_kernel_equals_reference(geometry, data):
     rule_name = data.draw(
         st.sampled_from(["threshold", "topk", "sparsity", "sparsity-head", "sparsity-head-weighted"]), label="rule"
     )
-    sink, local = data.draw(st.sampled_from([(1, 1), (0, 1), (2, 3)]), label="sink, local")
+    sink, local, tail = data.draw(
+        st.sampled_from([(1, 1, 0), (0, 1, 0), (2, 3, 0), (1, 1, 1), (0, 1, 2)]), label="kept"
+    )
     if rule_name.startswith("sparsity-head"):  # ties and -inf: the head rule resolves them like the reference
         scores = torch.randint(0, 5, (batch, heads, nq, nk), generator=gen).float()
         scores[torch.rand(scores.shape, generator=gen) < 0.2] = NEG_INF
@@ -669,8 +671,9 @@ def test_selection_kernel_equals_reference(geometry, data):
         },
     }[rule_name]
     kw = {"seq_q": seq_q, "seq_k": seq_k, "causal": causal, "block_size": block_size}
-    kernel = select_block_lists(scores.to(DEVICE), sink_blocks=sink, local_blocks=local, **kw, **rule)
-    mask = select_blocks(scores, sink_blocks=sink, local_blocks=local, **kw, **rule)
+    kept = {"sink_blocks": sink, "local_blocks": local, "tail_blocks": tail}
+    kernel = select_block_lists(scores.to(DEVICE), **kept, **kw, **rule)
+    mask = select_blocks(scores, **kept, **kw, **rule)
     expected = selection_from_mask(mask, **kw)
     for name, got, want in zip(BlockSelection._fields, kernel, expected):
         if name != "block_size":

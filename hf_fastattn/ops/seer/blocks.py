@@ -71,11 +71,12 @@ def _visible_blocks(seq_q: int, seq_k: int, causal: bool, block_size: int, devic
 
 def always_kept_blocks(
     seq_q: int, seq_k: int, *, causal: bool, block_size: int, sink_blocks: int = 1, local_blocks: int = 1,
-    device: torch.device | str = "cpu",
+    tail_blocks: int = 0, device: torch.device | str = "cpu",
 ) -> torch.Tensor:  # fmt: skip
     """Bool ``(NQ, NK)``: the first ``sink_blocks`` key blocks (attention sinks) and, for each query block, the
     ``local_blocks`` key blocks ending at the one holding its last row's own key (bottom-right aligned): the diagonal
-    when ``local_blocks=1``. Every valid row therefore keeps at least its own key."""
+    when ``local_blocks=1``. Every valid row therefore keeps at least its own key. The last ``tail_blocks`` query
+    blocks keep every visible block (a causal LM's last block computes the first generated token)."""
     visible, _ = visible_blocks(seq_q, seq_k, causal=causal, block_size=block_size, device=device)
     nq, nk = visible.shape
     key_block = torch.arange(nk, device=device)[None, :]
@@ -86,7 +87,8 @@ def always_kept_blocks(
     first_row = torch.arange(nq, device=device)[:, None] * block_size
     first_own = torch.clamp((first_row + seq_k - seq_q) // block_size, min=0)
     local |= (key_block >= first_own) & (key_block <= own)
-    return ((key_block < sink_blocks) | local) & visible
+    tail = torch.arange(nq, device=device)[:, None] >= nq - tail_blocks
+    return ((key_block < sink_blocks) | local | tail) & visible
 
 
 ALLOCATIONS = ("row", "head")
@@ -94,17 +96,19 @@ ALLOCATIONS = ("row", "head")
 
 def free_blocks(
     seq_q: int, seq_k: int, *, causal: bool, block_size: int, sink_blocks: int, local_blocks: int,
-    device: torch.device | str = "cpu",
+    tail_blocks: int = 0, device: torch.device | str = "cpu",
 ) -> torch.Tensor:  # fmt: skip
     """Bool ``(NQ, NK)``: the visible blocks a rule chooses among (not always kept). Cached, read-only."""
-    return _free_blocks(seq_q, seq_k, causal, block_size, sink_blocks, local_blocks, str(torch.device(device)))
+    return _free_blocks(
+        seq_q, seq_k, causal, block_size, sink_blocks, local_blocks, tail_blocks, str(torch.device(device))
+    )
 
 
 @functools.lru_cache(maxsize=64)
-def _free_blocks(seq_q, seq_k, causal, block_size, sink_blocks, local_blocks, device) -> torch.Tensor:
+def _free_blocks(seq_q, seq_k, causal, block_size, sink_blocks, local_blocks, tail_blocks, device) -> torch.Tensor:
     visible, _ = visible_blocks(seq_q, seq_k, causal=causal, block_size=block_size, device=device)
     forced = always_kept_blocks(
-        seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks,
+        seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks, tail_blocks=tail_blocks,
         device=device,
     )  # fmt: skip
     return visible & ~forced
@@ -178,6 +182,7 @@ def select_blocks(
     local_blocks: int = 1,
     allocation: str = "row",
     head_weights: tuple[float, ...] | None = None,
+    tail_blocks: int = 0,
 ) -> torch.Tensor:
     """Bool ``(B, H, NQ, NK)`` block mask from block scores (gate probabilities or a ground-truth map).
 
@@ -187,8 +192,8 @@ def select_blocks(
     ``allocation="head"`` the budget ``ceil((1 - sparsity) * visible)`` is counted over all query blocks of a
     (batch, head) and goes to the best blocks of any row, so rows whose attention is spread keep more than rows
     whose attention is concentrated. Scores must then be comparable across rows (row-normalised probabilities or
-    log-probabilities). The sink and local blocks are always kept and count towards the budget; invisible blocks are
-    never selected. Ties at the cut go to the lowest block index (row-major for ``"head"``). ``head_weights`` (one per
+    log-probabilities). The sink, local and tail blocks (:func:`always_kept_blocks`) are always kept and count towards
+    the budget; invisible blocks are never selected. Ties at the cut go to the lowest block index (row-major for ``"head"``). ``head_weights`` (one per
     head, ``"head"`` only) scale each head's share of the budget beyond the always-kept blocks
     (:func:`weighted_head_needs`): calibrated budgets that give heads with spread-out attention more blocks.
     """
@@ -199,22 +204,22 @@ def select_blocks(
     if scores.shape[-2:] != visible.shape:
         raise ValueError(f"block scores end in {tuple(scores.shape[-2:])}, expected (NQ, NK) = {tuple(visible.shape)}")
     forced = always_kept_blocks(
-        seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks,
+        seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks, tail_blocks=tail_blocks,
         device=device,
     )  # fmt: skip
     if threshold is not None:
         return ((scores > threshold) | forced) & visible
     if allocation == "head":
         free = free_blocks(
-            seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks,
+            seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks, tail_blocks=tail_blocks,
             device=device,
         ).flatten()  # fmt: skip
         need = head_need(seq_q, seq_k, causal=causal, block_size=block_size, sparsity=sparsity,
-                         sink_blocks=sink_blocks, local_blocks=local_blocks)  # fmt: skip
+                         sink_blocks=sink_blocks, local_blocks=local_blocks, tail_blocks=tail_blocks)  # fmt: skip
         needs = [need] * scores.shape[1]
         if head_weights is not None:
             count = free_block_count(seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks,
-                                     local_blocks=local_blocks)  # fmt: skip
+                                     local_blocks=local_blocks, tail_blocks=tail_blocks)  # fmt: skip
             needs = weighted_head_needs(need, count, tuple(map(float, head_weights)))
         ranked = scores.float().flatten(-2).masked_fill(~free, float("-inf"))
         # Best score first, ties by block index (stable); then, stably, every free block before the others.
@@ -236,13 +241,27 @@ def select_blocks(
 
 @functools.lru_cache(maxsize=256)
 def head_need(
-    seq_q: int, seq_k: int, *, causal: bool, block_size: int, sparsity: float, sink_blocks: int, local_blocks: int
+    seq_q: int,
+    seq_k: int,
+    *,
+    causal: bool,
+    block_size: int,
+    sparsity: float,
+    sink_blocks: int,
+    local_blocks: int,
+    tail_blocks: int = 0,
 ) -> int:
     """Blocks one (batch, head) chooses beyond the always-kept ones under ``sparsity`` with ``allocation="head"``:
     the budget ``ceil((1 - sparsity) * visible)`` less the always-kept blocks, at most the blocks left to choose."""
     visible, _ = visible_blocks(seq_q, seq_k, causal=causal, block_size=block_size)
     free = free_block_count(
-        seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks
+        seq_q,
+        seq_k,
+        causal=causal,
+        block_size=block_size,
+        sink_blocks=sink_blocks,
+        local_blocks=local_blocks,
+        tail_blocks=tail_blocks,
     )
     always_kept = int(visible.sum()) - free
     budget = math.ceil((1.0 - sparsity) * int(visible.sum()) - 1e-6)
@@ -251,11 +270,17 @@ def head_need(
 
 @functools.lru_cache(maxsize=256)
 def free_block_count(
-    seq_q: int, seq_k: int, *, causal: bool, block_size: int, sink_blocks: int, local_blocks: int
+    seq_q: int, seq_k: int, *, causal: bool, block_size: int, sink_blocks: int, local_blocks: int, tail_blocks: int = 0
 ) -> int:
     """How many blocks of one (batch, head) a rule chooses among, from the geometry on the CPU (no device sync)."""
     free = free_blocks(
-        seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks
+        seq_q,
+        seq_k,
+        causal=causal,
+        block_size=block_size,
+        sink_blocks=sink_blocks,
+        local_blocks=local_blocks,
+        tail_blocks=tail_blocks,
     )
     return int(free.sum())
 

@@ -4,7 +4,8 @@ The same function as ``selection_from_mask(select_blocks(scores, ...), ...)`` (:
 bit for bit on finite scores, in one launch instead of some thirty small PyTorch ops, which at long context made the
 selection launch-bound. One program per (batch, mask head, query block) row:
 
-1. visibility, the full/partial split and the always-kept blocks (sink and local) from the geometry;
+1. visibility, the full/partial split and the always-kept blocks (sink, local, and every visible block of the last
+   ``tail_blocks`` query blocks) from the geometry;
 2. the rule: ``threshold`` keeps scores above it; ``topk``/``sparsity`` keep the row's budget of blocks, the
    always-kept first, then the best of the rest. The budget's cut value is found by bisection on the scores' sortable
    integer keys (32 halvings), and ties at the cut go to the lowest block index, like a stable descending sort.
@@ -53,7 +54,7 @@ def _write_list(INDEX, COUNT, row_offset, count_offset, selected, in_range, bloc
 def _select_kernel(
     SCORES, BUDGET, CUT, TIE_ROOM, FULL_COUNT, FULL_INDEX, PARTIAL_COUNT, PARTIAL_INDEX,
     stride_sb, stride_sh, stride_sm,
-    num_heads, num_query_blocks, num_key_blocks, seq_q, seq_k, threshold, sink_blocks, local_blocks,
+    num_heads, num_query_blocks, num_key_blocks, seq_q, seq_k, threshold, sink_blocks, local_blocks, tail_blocks,
     BLOCK: tl.constexpr,
     BLOCK_K: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -87,7 +88,7 @@ def _select_kernel(
     own = tl.minimum(tl.maximum(last_row + offset, 0) // BLOCK, num_key_blocks - 1)
     first_own = tl.maximum(first_row + offset, 0) // BLOCK
     local = ((blocks <= own) & (blocks > own - local_blocks)) | ((blocks >= first_own) & (blocks <= own))
-    forced = ((blocks < sink_blocks) | local) & visible
+    forced = ((blocks < sink_blocks) | local | (m >= num_query_blocks - tail_blocks)) & visible
 
     row = bh * num_query_blocks + m
     free = visible & ~forced
@@ -134,6 +135,7 @@ def select_block_lists(
     local_blocks: int = 1,
     allocation: str = "row",
     head_weights: tuple[float, ...] | None = None,
+    tail_blocks: int = 0,
 ) -> BlockSelection:
     """:func:`~hf_fastattn.ops.seer.blocks.select_blocks` followed by ``selection_from_mask``, in one kernel.
 
@@ -153,7 +155,7 @@ def select_block_lists(
     cut = tie_room = budget = torch.empty(1, dtype=torch.int32, device=device)
     if head_cut:
         cut, tie_room = _head_cuts(
-            scores, seq_q, seq_k, causal, block_size, sparsity, sink_blocks, local_blocks, head_weights
+            scores, seq_q, seq_k, causal, block_size, sparsity, sink_blocks, local_blocks, tail_blocks, head_weights
         )
     elif threshold is None:
         budget = row_budgets(
@@ -167,29 +169,32 @@ def select_block_lists(
         scores, budget, cut, tie_room, full_count, full_index, partial_count, partial_index,
         scores.stride(0), scores.stride(1), scores.stride(2),
         heads, nq, nk, seq_q, seq_k, math.inf if threshold is None else float(threshold), sink_blocks, local_blocks,
+        tail_blocks,
         BLOCK=block_size, BLOCK_K=max(16, next_power_of_2(nk)), CAUSAL=bool(causal), USE_THRESHOLD=threshold is not None,
         HEAD_CUT=head_cut,
     )  # fmt: skip
     return BlockSelection(full_count, full_index, partial_count, partial_index, block_size)
 
 
-def _head_cuts(scores, seq_q, seq_k, causal, block_size, sparsity, sink_blocks, local_blocks, head_weights):
+def _head_cuts(
+    scores, seq_q, seq_k, causal, block_size, sparsity, sink_blocks, local_blocks, tail_blocks, head_weights
+):
     """Per (batch, head) ``(B, H)``: the cut score (the ``need``-th best free block's, float32); per row
     ``(B, H, NQ)``: how many free blocks scoring exactly the cut the row may take, so that the head takes ``need`` in
     row-major order. ``need`` is the same for every head, or each head's own under ``head_weights``."""
     batch, heads = scores.shape[:2]
     free = free_blocks(
         seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks,
-        device=scores.device,
+        tail_blocks=tail_blocks, device=scores.device,
     )  # fmt: skip
     need = head_need(
         seq_q, seq_k, causal=causal, block_size=block_size, sparsity=sparsity, sink_blocks=sink_blocks,
-        local_blocks=local_blocks,
+        local_blocks=local_blocks, tail_blocks=tail_blocks,
     )  # fmt: skip
     ranked = scores.float().masked_fill(~free, float("-inf"))
     if head_weights is not None:
         count = free_block_count(seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks,
-                                 local_blocks=local_blocks)  # fmt: skip
+                                 local_blocks=local_blocks, tail_blocks=tail_blocks)  # fmt: skip
         needs = weighted_head_needs(need, count, tuple(map(float, head_weights)))
         need = _device_needs(needs, str(scores.device))
         if max(needs) > 0:
