@@ -24,7 +24,8 @@ Configuration (``patch(model, "seer", ...)``):
 * ``sink_blocks`` (default 1) and ``local_blocks`` (default 1, the diagonal): always kept, counted in the budget.
 * ``tail_blocks`` (default 1): the last query blocks attend to every visible key block, counted in the budget. In a
   causal LM the last block computes the first generated token (decode steps are exact anyway); on SmolLM2's needle
-  grid at 50% it takes the gates from 0.25-0.35 to about dense accuracy (``benchmarks/results``).
+  grid at 50% it takes the gates from 0.28-0.40 to 0.49-0.51 (dense 0.455), at some perplexity cost with
+  ``"head"``/``budgets`` at high sparsity (``benchmarks/results/seer_smollm2``). ``tail_blocks=0`` turns it off.
 * ``block_size`` (64) and ``gate_dim`` (128): fixed by trained gates.
 * ``decode``: the decode-step strategy every method takes (decode runs the shared exact decode kernels).
 
