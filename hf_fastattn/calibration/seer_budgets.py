@@ -12,7 +12,7 @@ probabilities, row-normalised) on training windows:
 
 At patch time (``patch(model, "seer", gates=..., budgets=DIR, sparsity=s)``) each layer's weights for ``s`` are
 interpolated linearly between grid points, and head ``h`` chooses ``round(w * need)`` blocks beyond the always-kept
-ones (:func:`~hf_fastattn.ops.seer.blocks.weighted_head_needs`). Weights are relative, so they apply at other lengths
+ones (:func:`~hf_fastattn.ops.seer.blocks.head_needs`). Weights are relative, so they apply at other lengths
 too; they are calibrated for one length, and the realised density (reported by the method) is the check.
 """
 
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..ops.seer import DEFAULT_BLOCK_SIZE
-from ..ops.seer.blocks import free_blocks, head_need
+from ..ops.seer.blocks import free_blocks, head_needs
 from ..patch import layer_states, use
 from .windows import token_windows
 
@@ -139,7 +139,8 @@ def calibrate_seer_budgets(
 
     ``dataset`` is anything :func:`~hf_fastattn.calibration.windows.token_windows` takes (default: the training split).
     ``sequence_length`` defaults to the model's maximum, capped at 8192: calibrate at the length you will run.
-    ``sparsities`` is the grid patch-time sparsities are interpolated on (default :data:`DEFAULT_SPARSITIES`). With ``output_dir`` the artifact is saved.
+    ``sparsities`` is the grid patch-time sparsities are interpolated on (default :data:`DEFAULT_SPARSITIES`). With
+    ``output_dir`` the artifact is saved.
     """
     sparsities = sorted({float(s) for s in (DEFAULT_SPARSITIES if sparsities is None else sparsities)})
     if not sparsities or not all(0.0 <= s < 1.0 for s in sparsities):
@@ -208,7 +209,8 @@ def _window_weights(targets, sparsities, length, causal, *, block_size, **always
     layers, heads, num_free = values.shape
     weights = torch.ones(len(sparsities), layers, heads, device=values.device)
     for g, sparsity in enumerate(sparsities):
-        need = head_need(length, length, causal=causal, block_size=block_size, sparsity=sparsity, **always_kept)
+        (need,) = head_needs(length, length, causal=causal, block_size=block_size, sparsity=sparsity, heads=1,
+                             **always_kept)  # fmt: skip
         if need == 0:
             continue  # nothing beyond the always-kept blocks: every head equal
         taken = values.flatten().topk(need * layers * heads).indices // num_free

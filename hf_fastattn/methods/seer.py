@@ -78,7 +78,8 @@ MODES = ("gate", "oracle")
 # Keys in LayerState.counters: selected key blocks (a device tensor, no host sync) and visible ones (an int).
 _COUNTS = "seer_blocks"
 _VISIBLE = "seer_visible_blocks"
-# Attribute set by gate training: a callable receiving (log_probs, valid, target) per prefill; the layer then runs dense.
+# Attribute set by gate training: a callable receiving (log_probs, valid, target) per prefill; the layer then runs
+# dense.
 GATE_LOSS_SINK = "seer_gate_loss_sink"
 # Attribute set by budget calibration: a callable receiving (target, causal) per prefill; the layer then runs dense.
 TARGET_SINK = "seer_target_sink"

@@ -108,8 +108,8 @@ def free_blocks(
 def _free_blocks(seq_q, seq_k, causal, block_size, sink_blocks, local_blocks, tail_blocks, device) -> torch.Tensor:
     visible, _ = visible_blocks(seq_q, seq_k, causal=causal, block_size=block_size, device=device)
     forced = always_kept_blocks(
-        seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks, tail_blocks=tail_blocks,
-        device=device,
+        seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks,
+        tail_blocks=tail_blocks, device=device,
     )  # fmt: skip
     return visible & ~forced
 
@@ -141,14 +141,6 @@ def check_selection_rule(
 def check_head_weights(head_weights, heads: int) -> None:
     if head_weights is not None and len(head_weights) != heads:
         raise ValueError(f"head_weights has {len(head_weights)} entries for block scores of {heads} heads")
-
-
-@functools.lru_cache(maxsize=256)
-def weighted_head_needs(need: int, free: int, head_weights: tuple[float, ...]) -> tuple[int, ...]:
-    """Blocks each head chooses when calibrated weights scale the uniform ``need`` (:func:`head_need`): the weights
-    have mean 1 over all heads of all layers (:mod:`hf_fastattn.calibration.seer_budgets`), so the model's average
-    density stays the requested one; each head's share is rounded half up and capped at its ``free`` blocks."""
-    return tuple(min(free, math.floor(weight * need + 0.5)) for weight in head_weights)
 
 
 def row_budgets(
@@ -193,9 +185,9 @@ def select_blocks(
     (batch, head) and goes to the best blocks of any row, so rows whose attention is spread keep more than rows
     whose attention is concentrated. Scores must then be comparable across rows (row-normalised probabilities or
     log-probabilities). The sink, local and tail blocks (:func:`always_kept_blocks`) are always kept and count towards
-    the budget; invisible blocks are never selected. Ties at the cut go to the lowest block index (row-major for ``"head"``). ``head_weights`` (one per
-    head, ``"head"`` only) scale each head's share of the budget beyond the always-kept blocks
-    (:func:`weighted_head_needs`): calibrated budgets that give heads with spread-out attention more blocks.
+    the budget; invisible blocks are never selected. Ties at the cut go to the lowest block index (row-major for
+    ``"head"``). ``head_weights`` (one per head, ``"head"`` only) scale each head's share of the budget beyond the
+    always-kept blocks (:func:`head_needs`): calibrated budgets give heads with spread-out attention more blocks.
     """
     check_selection_rule(threshold, topk, sparsity, allocation, head_weights)
     check_head_weights(head_weights, scores.shape[1])
@@ -203,24 +195,14 @@ def select_blocks(
     visible, _ = visible_blocks(seq_q, seq_k, causal=causal, block_size=block_size, device=device)
     if scores.shape[-2:] != visible.shape:
         raise ValueError(f"block scores end in {tuple(scores.shape[-2:])}, expected (NQ, NK) = {tuple(visible.shape)}")
-    forced = always_kept_blocks(
-        seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks, tail_blocks=tail_blocks,
-        device=device,
-    )  # fmt: skip
+    kept = {"sink_blocks": sink_blocks, "local_blocks": local_blocks, "tail_blocks": tail_blocks}
+    forced = always_kept_blocks(seq_q, seq_k, causal=causal, block_size=block_size, device=device, **kept)
     if threshold is not None:
         return ((scores > threshold) | forced) & visible
     if allocation == "head":
-        free = free_blocks(
-            seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks, tail_blocks=tail_blocks,
-            device=device,
-        ).flatten()  # fmt: skip
-        need = head_need(seq_q, seq_k, causal=causal, block_size=block_size, sparsity=sparsity,
-                         sink_blocks=sink_blocks, local_blocks=local_blocks, tail_blocks=tail_blocks)  # fmt: skip
-        needs = [need] * scores.shape[1]
-        if head_weights is not None:
-            count = free_block_count(seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks,
-                                     local_blocks=local_blocks, tail_blocks=tail_blocks)  # fmt: skip
-            needs = weighted_head_needs(need, count, tuple(map(float, head_weights)))
+        free = free_blocks(seq_q, seq_k, causal=causal, block_size=block_size, device=device, **kept).flatten()
+        needs = head_needs(seq_q, seq_k, causal=causal, block_size=block_size, sparsity=sparsity, **kept,
+                           heads=scores.shape[1], head_weights=head_weights)  # fmt: skip
         ranked = scores.float().flatten(-2).masked_fill(~free, float("-inf"))
         # Best score first, ties by block index (stable); then, stably, every free block before the others.
         order = ranked.argsort(dim=-1, descending=True, stable=True)
@@ -239,50 +221,30 @@ def select_blocks(
     return ((rank < budget) | forced) & visible
 
 
+def head_needs(
+    seq_q: int, seq_k: int, *, causal: bool, block_size: int, sparsity: float, sink_blocks: int, local_blocks: int,
+    tail_blocks: int = 0, heads: int, head_weights=None,
+) -> tuple[int, ...]:  # fmt: skip
+    """Blocks each (batch, head) chooses beyond the always-kept ones under ``sparsity`` with ``allocation="head"``:
+    the budget ``ceil((1 - sparsity) * visible)`` less the always-kept blocks, at most the blocks left to choose.
+    Calibrated ``head_weights`` (one per head, mean 1 over all heads of all layers:
+    :mod:`hf_fastattn.calibration.seer_budgets`) scale that share, rounded half up and capped at the free blocks, so
+    the model's average density stays the requested one. From the geometry on the CPU (cached, no device sync)."""
+    weights = None if head_weights is None else tuple(map(float, head_weights))
+    return _head_needs(
+        seq_q, seq_k, causal, block_size, sparsity, sink_blocks, local_blocks, tail_blocks, heads, weights
+    )
+
+
 @functools.lru_cache(maxsize=256)
-def head_need(
-    seq_q: int,
-    seq_k: int,
-    *,
-    causal: bool,
-    block_size: int,
-    sparsity: float,
-    sink_blocks: int,
-    local_blocks: int,
-    tail_blocks: int = 0,
-) -> int:
-    """Blocks one (batch, head) chooses beyond the always-kept ones under ``sparsity`` with ``allocation="head"``:
-    the budget ``ceil((1 - sparsity) * visible)`` less the always-kept blocks, at most the blocks left to choose."""
+def _head_needs(seq_q, seq_k, causal, block_size, sparsity, sink_blocks, local_blocks, tail_blocks, heads, weights):
     visible, _ = visible_blocks(seq_q, seq_k, causal=causal, block_size=block_size)
-    free = free_block_count(
-        seq_q,
-        seq_k,
-        causal=causal,
-        block_size=block_size,
-        sink_blocks=sink_blocks,
-        local_blocks=local_blocks,
-        tail_blocks=tail_blocks,
-    )
-    always_kept = int(visible.sum()) - free
+    free = int(_free_blocks(seq_q, seq_k, causal, block_size, sink_blocks, local_blocks, tail_blocks, "cpu").sum())
     budget = math.ceil((1.0 - sparsity) * int(visible.sum()) - 1e-6)
-    return max(0, min(budget - always_kept, free))
-
-
-@functools.lru_cache(maxsize=256)
-def free_block_count(
-    seq_q: int, seq_k: int, *, causal: bool, block_size: int, sink_blocks: int, local_blocks: int, tail_blocks: int = 0
-) -> int:
-    """How many blocks of one (batch, head) a rule chooses among, from the geometry on the CPU (no device sync)."""
-    free = free_blocks(
-        seq_q,
-        seq_k,
-        causal=causal,
-        block_size=block_size,
-        sink_blocks=sink_blocks,
-        local_blocks=local_blocks,
-        tail_blocks=tail_blocks,
-    )
-    return int(free.sum())
+    need = max(0, min(budget - (int(visible.sum()) - free), free))
+    if weights is None:
+        return (need,) * heads
+    return tuple(min(free, math.floor(weight * need + 0.5)) for weight in weights)
 
 
 def selection_from_mask(

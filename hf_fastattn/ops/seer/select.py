@@ -31,12 +31,10 @@ from .blocks import (
     BlockSelection,
     check_head_weights,
     check_selection_rule,
-    free_block_count,
     free_blocks,
-    head_need,
+    head_needs,
     num_blocks,
     row_budgets,
-    weighted_head_needs,
 )
 
 
@@ -179,38 +177,29 @@ def select_block_lists(
 def _head_cuts(
     scores, seq_q, seq_k, causal, block_size, sparsity, sink_blocks, local_blocks, tail_blocks, head_weights
 ):
-    """Per (batch, head) ``(B, H)``: the cut score (the ``need``-th best free block's, float32); per row
+    """Per (batch, head) ``(B, H)``: the cut score (the head's ``need``-th best free block's, float32); per row
     ``(B, H, NQ)``: how many free blocks scoring exactly the cut the row may take, so that the head takes ``need`` in
     row-major order. ``need`` is the same for every head, or each head's own under ``head_weights``."""
     batch, heads = scores.shape[:2]
-    free = free_blocks(
-        seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks,
-        tail_blocks=tail_blocks, device=scores.device,
-    )  # fmt: skip
-    need = head_need(
-        seq_q, seq_k, causal=causal, block_size=block_size, sparsity=sparsity, sink_blocks=sink_blocks,
-        local_blocks=local_blocks, tail_blocks=tail_blocks,
-    )  # fmt: skip
+    kept = {"sink_blocks": sink_blocks, "local_blocks": local_blocks, "tail_blocks": tail_blocks}
+    free = free_blocks(seq_q, seq_k, causal=causal, block_size=block_size, device=scores.device, **kept)
+    needs = head_needs(seq_q, seq_k, causal=causal, block_size=block_size, sparsity=sparsity, **kept, heads=heads,
+                       head_weights=head_weights)  # fmt: skip
     ranked = scores.float().masked_fill(~free, float("-inf"))
-    if head_weights is not None:
-        count = free_block_count(seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks,
-                                 local_blocks=local_blocks, tail_blocks=tail_blocks)  # fmt: skip
-        needs = weighted_head_needs(need, count, tuple(map(float, head_weights)))
-        need = _device_needs(needs, str(scores.device))
-        if max(needs) > 0:
-            # The need_h-th best of head h is the k-th best once k - need_h entries of +inf are added to its blocks
-            # (k = the largest need): one unsorted top-k for every head, as in the uniform case.
-            flat = torch.cat([ranked.flatten(-2), _cut_padding(needs, str(scores.device)).expand(batch, -1, -1)], -1)
-            cut = flat.topk(max(needs), dim=-1, sorted=False).values.amin(-1)
-        else:
-            cut = torch.full((batch, heads), float("inf"), device=scores.device)
-    elif need == 0:
+    if max(needs) == 0:
         cut = torch.full((batch, heads), float("inf"), device=scores.device)
     else:
-        cut = ranked.flatten(-2).topk(need, dim=-1, sorted=False).values.amin(-1)
+        flat = ranked.flatten(-2)
+        if len(set(needs)) > 1:
+            # The need_h-th best of head h is the k-th best once k - need_h entries of +inf are added to its blocks
+            # (k = the largest need): one unsorted top-k for every head, as with a shared need.
+            flat = torch.cat([flat, _cut_padding(needs, str(scores.device)).expand(batch, -1, -1)], -1)
+        cut = flat.topk(max(needs), dim=-1, sorted=False).values.amin(-1)
     above = (ranked > cut[..., None, None]).sum((-2, -1), dtype=torch.int32)
     ties = ((ranked == cut[..., None, None]) & free).sum(-1, dtype=torch.int32)
-    tie_room = (need - above)[..., None] - (ties.cumsum(-1, dtype=torch.int32) - ties)
+    tie_room = (_device_needs(needs, str(scores.device)) - above)[..., None] - (
+        ties.cumsum(-1, dtype=torch.int32) - ties
+    )
     return cut.contiguous(), tie_room.clamp(min=0).contiguous()
 
 
