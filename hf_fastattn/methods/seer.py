@@ -226,6 +226,13 @@ def _run(ops: _Ops, query, key, value, *, causal, scale, key_padding, state, pos
         return ops.dense(query, key, value, causal=causal, scale=scale, key_padding=key_padding)
     sink = getattr(state, GATE_LOSS_SINK, None)
     target_sink = getattr(state, TARGET_SINK, None)
+    seq = query.shape[2]
+    tail = min(config["tail_tokens"], seq) if causal else 0
+    if tail == seq and sink is None and target_sink is None:  # a prompt within the exact tail: nothing to gate
+        blocks = math.ceil(seq / block)
+        visible = _visible_total(blocks, blocks, causal) * key.shape[0] * key.shape[1]
+        _count(state, visible, visible)
+        return ops.dense(query, key, value, causal=causal, scale=scale, key_padding=key_padding)
     threshold = config.get("threshold")
     if sink is not None or target_sink is not None or config["mode"] == "oracle":
         out, target = ops.target(
@@ -245,20 +252,36 @@ def _run(ops: _Ops, query, key, value, *, causal, scale, key_padding, state, pos
             scores, _ = _gate_scores(ops, state, query, key, causal, key_padding, position_ids)
         # Log-probabilities rank like probabilities; the threshold moves to log units with them.
         threshold = None if threshold is None else math.log(threshold) if threshold > 0 else -math.inf
-    seq = query.shape[2]
     rule = {name: config[name] for name in ("sparsity", "topk") if config.get(name) is not None}
     if threshold is not None:
         rule["threshold"] = threshold
     head_weights = state.__dict__.get("_head_weights")
     if head_weights is not None:
         rule["head_weights"] = head_weights
+    tail_work = _tail_work(seq, tail, block)
+    if config["allocation"] == "head":
+        rule["reserved_blocks"] = math.ceil(tail_work)
     selection = ops.select(
         scores, seq_q=seq, seq_k=seq, causal=causal, block_size=block,
         sink_blocks=config["sink_blocks"], local_blocks=config["local_blocks"], tail_blocks=config["tail_blocks"],
         allocation=config["allocation"], **rule,
     )  # fmt: skip
-    _count(state, selection, causal)
-    return ops.run_sparse(query, key, value, selection, causal=causal, scale=scale, key_padding=key_padding)
+    batch, heads, nq, nk = selection.shape
+    computed = selection.selected_blocks().sum(dtype=torch.float64) + tail_work * batch * heads
+    _count(state, computed, _visible_total(nq, nk, causal) * batch * heads)
+    out = ops.run_sparse(query, key, value, selection, causal=causal, scale=scale, key_padding=key_padding)
+    if tail:
+        # The last rows, exact: they compute the first generated token (later tokens run the exact decode kernels).
+        out[:, :, -tail:] = ops.dense(
+            query[:, :, -tail:], key, value, causal=True, scale=scale, key_padding=key_padding
+        )
+    return out
+
+
+def _tail_work(seq: int, tail: int, block_size: int) -> float:
+    """The exact tail's work in blocks of ``block_size``²: its rows see ``seq - tail + 1`` to ``seq`` keys (causal)."""
+    keys = tail * seq - tail * (tail - 1) // 2
+    return keys / block_size**2
 
 
 def gate_log_probs(
@@ -292,13 +315,11 @@ def _gate_scores(ops: _Ops, state, query, key, causal, key_padding, position_ids
     )  # fmt: skip
 
 
-def _count(state: LayerState, selection, causal: bool) -> None:
-    """Accumulate (selected, visible) key blocks on the device; the visible total is a cached geometry constant."""
-    batch, heads, nq, nk = selection.shape
-    visible = _visible_total(nq, nk, causal) * batch * heads
-    selected = selection.selected_blocks().sum(dtype=torch.int64)
+def _count(state: LayerState, computed, visible: int) -> None:
+    """Accumulate computed key blocks (selected ones plus the exact tail's work; a device tensor, so no host sync) and
+    visible ones (an int from the geometry), summed over batch and mask heads."""
     previous = state.counters.get(_COUNTS)
-    state.counters[_COUNTS] = selected if previous is None else previous + selected
+    state.counters[_COUNTS] = computed if previous is None else previous + computed
     state.counters[_VISIBLE] = state.counters.get(_VISIBLE, 0) + visible
 
 
@@ -323,8 +344,8 @@ def seer_statistics(state: LayerState) -> dict:
     counts = state.counters.get(_COUNTS)
     if counts is None:
         return {"density": None}
-    selected, visible = int(counts), state.counters[_VISIBLE]
-    return {"density": selected / max(visible, 1), "blocks": {"selected": selected, "visible": visible}}
+    computed, visible = float(counts), state.counters[_VISIBLE]
+    return {"density": computed / max(visible, 1), "blocks": {"computed": computed, "visible": visible}}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -332,7 +353,7 @@ def seer_statistics(state: LayerState) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 _DEFAULTS = {"mode": "gate", "block_size": DEFAULT_BLOCK_SIZE, "gate_dim": DEFAULT_GATE_DIM, "sink_blocks": 1,
-             "local_blocks": 1, "tail_blocks": 1, "allocation": "row"}  # fmt: skip
+             "local_blocks": 1, "tail_blocks": 0, "tail_tokens": 32, "allocation": "row"}  # fmt: skip
 _USER_KEYS = {"gates", "budgets", *_DEFAULTS, *_SELECTION_RULES}
 
 
@@ -409,6 +430,10 @@ def _check_config(config: dict) -> None:
     sparsity = config.get("sparsity")
     if sparsity is not None and not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    for name in ("sink_blocks", "local_blocks", "tail_blocks", "tail_tokens"):
+        value = config.get(name, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"fastattn_seer {name} must be an integer >= 0, got {value!r}")
     allocation = config.get("allocation", "row")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"fastattn_seer allocation must be one of {ALLOCATIONS}, got {allocation!r}")

@@ -115,7 +115,12 @@ def _free_blocks(seq_q, seq_k, causal, block_size, sink_blocks, local_blocks, ta
 
 
 def check_selection_rule(
-    threshold: float | None, topk: int | None, sparsity: float | None, allocation: str = "row", head_weights=None
+    threshold: float | None,
+    topk: int | None,
+    sparsity: float | None,
+    allocation: str = "row",
+    head_weights=None,
+    reserved_blocks: int = 0,
 ) -> None:
     """Exactly one rule, with a valid value; raises ValueError."""
     rules = [
@@ -136,6 +141,10 @@ def check_selection_rule(
             raise ValueError("head_weights scale the budgets of allocation='head' only")
         if not all(math.isfinite(weight) and weight >= 0 for weight in head_weights):
             raise ValueError(f"head_weights must be finite and >= 0, got {list(head_weights)}")
+    if reserved_blocks < 0:
+        raise ValueError(f"reserved_blocks must be >= 0, got {reserved_blocks}")
+    if reserved_blocks and allocation != "head":
+        raise ValueError("reserved_blocks come out of the shared budget of allocation='head' only")
 
 
 def check_head_weights(head_weights, heads: int) -> None:
@@ -175,6 +184,7 @@ def select_blocks(
     allocation: str = "row",
     head_weights: tuple[float, ...] | None = None,
     tail_blocks: int = 0,
+    reserved_blocks: int = 0,
 ) -> torch.Tensor:
     """Bool ``(B, H, NQ, NK)`` block mask from block scores (gate probabilities or a ground-truth map).
 
@@ -188,8 +198,10 @@ def select_blocks(
     the budget; invisible blocks are never selected. Ties at the cut go to the lowest block index (row-major for
     ``"head"``). ``head_weights`` (one per head, ``"head"`` only) scale each head's share of the budget beyond the
     always-kept blocks (:func:`head_needs`): calibrated budgets give heads with spread-out attention more blocks.
+    ``reserved_blocks`` (``"head"`` only) are taken off every head's budget: blocks' worth of work done outside the
+    selection (``fastattn_seer``'s exact tail rows).
     """
-    check_selection_rule(threshold, topk, sparsity, allocation, head_weights)
+    check_selection_rule(threshold, topk, sparsity, allocation, head_weights, reserved_blocks)
     check_head_weights(head_weights, scores.shape[1])
     device = scores.device
     visible, _ = visible_blocks(seq_q, seq_k, causal=causal, block_size=block_size, device=device)
@@ -202,7 +214,7 @@ def select_blocks(
     if allocation == "head":
         free = free_blocks(seq_q, seq_k, causal=causal, block_size=block_size, device=device, **kept).flatten()
         needs = head_needs(seq_q, seq_k, causal=causal, block_size=block_size, sparsity=sparsity, **kept,
-                           heads=scores.shape[1], head_weights=head_weights)  # fmt: skip
+                           heads=scores.shape[1], head_weights=head_weights, reserved_blocks=reserved_blocks)  # fmt: skip
         ranked = scores.float().flatten(-2).masked_fill(~free, float("-inf"))
         # Best score first, ties by block index (stable); then, stably, every free block before the others.
         order = ranked.argsort(dim=-1, descending=True, stable=True)
@@ -223,25 +235,29 @@ def select_blocks(
 
 def head_needs(
     seq_q: int, seq_k: int, *, causal: bool, block_size: int, sparsity: float, sink_blocks: int, local_blocks: int,
-    tail_blocks: int = 0, heads: int, head_weights=None,
+    tail_blocks: int = 0, heads: int, head_weights=None, reserved_blocks: int = 0,
 ) -> tuple[int, ...]:  # fmt: skip
     """Blocks each (batch, head) chooses beyond the always-kept ones under ``sparsity`` with ``allocation="head"``:
-    the budget ``ceil((1 - sparsity) * visible)`` less the always-kept blocks, at most the blocks left to choose.
+    the budget ``ceil((1 - sparsity) * visible)`` less the always-kept and the ``reserved_blocks`` (work done outside
+    the selection), at most the blocks left to choose.
     Calibrated ``head_weights`` (one per head, mean 1 over all heads of all layers:
     :mod:`hf_fastattn.calibration.seer_budgets`) scale that share, rounded half up and capped at the free blocks, so
     the model's average density stays the requested one. From the geometry on the CPU (cached, no device sync)."""
     weights = None if head_weights is None else tuple(map(float, head_weights))
     return _head_needs(
-        seq_q, seq_k, causal, block_size, sparsity, sink_blocks, local_blocks, tail_blocks, heads, weights
-    )
+        seq_q, seq_k, causal, block_size, sparsity, sink_blocks, local_blocks, tail_blocks, heads, weights,
+        reserved_blocks,
+    )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=256)
-def _head_needs(seq_q, seq_k, causal, block_size, sparsity, sink_blocks, local_blocks, tail_blocks, heads, weights):
+def _head_needs(
+    seq_q, seq_k, causal, block_size, sparsity, sink_blocks, local_blocks, tail_blocks, heads, weights, reserved
+):
     visible, _ = visible_blocks(seq_q, seq_k, causal=causal, block_size=block_size)
     free = int(_free_blocks(seq_q, seq_k, causal, block_size, sink_blocks, local_blocks, tail_blocks, "cpu").sum())
     budget = math.ceil((1.0 - sparsity) * int(visible.sum()) - 1e-6)
-    need = max(0, min(budget - (int(visible.sum()) - free), free))
+    need = max(0, min(budget - (int(visible.sum()) - free) - reserved, free))
     if weights is None:
         return (need,) * heads
     return tuple(min(free, math.floor(weight * need + 0.5)) for weight in weights)

@@ -134,13 +134,14 @@ def select_block_lists(
     allocation: str = "row",
     head_weights: tuple[float, ...] | None = None,
     tail_blocks: int = 0,
+    reserved_blocks: int = 0,
 ) -> BlockSelection:
     """:func:`~hf_fastattn.ops.seer.blocks.select_blocks` followed by ``selection_from_mask``, in one kernel.
 
     ``scores`` ``(B, H, NQ, NK)`` ranks blocks (probabilities, log-probabilities or a ground-truth map: any monotone
     score; ``threshold`` is in the same units).
     """
-    check_selection_rule(threshold, topk, sparsity, allocation, head_weights)
+    check_selection_rule(threshold, topk, sparsity, allocation, head_weights, reserved_blocks)
     check_tile_size("block_size", block_size)
     batch, heads, nq, nk = scores.shape
     check_head_weights(head_weights, heads)
@@ -152,9 +153,11 @@ def select_block_lists(
     head_cut = allocation == "head"
     cut = tie_room = budget = torch.empty(1, dtype=torch.int32, device=device)
     if head_cut:
-        cut, tie_room = _head_cuts(
-            scores, seq_q, seq_k, causal, block_size, sparsity, sink_blocks, local_blocks, tail_blocks, head_weights
-        )
+        kept = {"sink_blocks": sink_blocks, "local_blocks": local_blocks, "tail_blocks": tail_blocks}
+        needs = head_needs(seq_q, seq_k, causal=causal, block_size=block_size, sparsity=sparsity, **kept, heads=heads,
+                           head_weights=head_weights, reserved_blocks=reserved_blocks)  # fmt: skip
+        free = free_blocks(seq_q, seq_k, causal=causal, block_size=block_size, device=device, **kept)
+        cut, tie_room = _head_cuts(scores, free, needs)
     elif threshold is None:
         budget = row_budgets(
             seq_q, seq_k, causal=causal, block_size=block_size, topk=topk, sparsity=sparsity, device=device
@@ -174,17 +177,11 @@ def select_block_lists(
     return BlockSelection(full_count, full_index, partial_count, partial_index, block_size)
 
 
-def _head_cuts(
-    scores, seq_q, seq_k, causal, block_size, sparsity, sink_blocks, local_blocks, tail_blocks, head_weights
-):
-    """Per (batch, head) ``(B, H)``: the cut score (the head's ``need``-th best free block's, float32); per row
+def _head_cuts(scores: torch.Tensor, free: torch.Tensor, needs: tuple[int, ...]):
+    """Per (batch, head) ``(B, H)``: the cut score (the head's ``need``-th best ``free`` block's, float32); per row
     ``(B, H, NQ)``: how many free blocks scoring exactly the cut the row may take, so that the head takes ``need`` in
-    row-major order. ``need`` is the same for every head, or each head's own under ``head_weights``."""
+    row-major order. ``needs`` (:func:`~hf_fastattn.ops.seer.blocks.head_needs`) holds one count per head."""
     batch, heads = scores.shape[:2]
-    kept = {"sink_blocks": sink_blocks, "local_blocks": local_blocks, "tail_blocks": tail_blocks}
-    free = free_blocks(seq_q, seq_k, causal=causal, block_size=block_size, device=scores.device, **kept)
-    needs = head_needs(seq_q, seq_k, causal=causal, block_size=block_size, sparsity=sparsity, **kept, heads=heads,
-                       head_weights=head_weights)  # fmt: skip
     ranked = scores.float().masked_fill(~free, float("-inf"))
     if max(needs) == 0:
         cut = torch.full((batch, heads), float("inf"), device=scores.device)
