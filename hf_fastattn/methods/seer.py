@@ -53,6 +53,7 @@ from torch import nn
 from ..capabilities import Capabilities, MethodSpec
 from ..dispatch import dispatch_attention
 from ..masks import fastattn_mask
+from ..ops.decode import decode_attention, decode_attention_reference
 from ..ops.dense import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, dense_attention, dense_attention_reference
 from ..ops.seer import (
     ALLOCATIONS,
@@ -193,6 +194,7 @@ class _Ops:
     dense: Callable
     pool: Callable
     select: Callable
+    tail: Callable  # the last rows against the whole sequence: split over the keys, like decode
 
     def run_sparse(self, query, key, value, selection, *, causal, scale, key_padding):
         if self.sparse_takes_mask:
@@ -209,11 +211,12 @@ def _select_reference(scores, *, seq_q, seq_k, causal, block_size, **rule):
 
 
 _KERNELS = _Ops(
-    block_sparse_attention, False, attention_with_block_target, dense_attention, pool_blocks, select_block_lists
-)
+    block_sparse_attention, False, attention_with_block_target, dense_attention, pool_blocks, select_block_lists,
+    decode_attention,
+)  # fmt: skip
 _REFERENCES = _Ops(
     block_sparse_attention_reference, True, attention_with_block_target_reference, dense_attention_reference,
-    pool_blocks_reference, _select_reference,
+    pool_blocks_reference, _select_reference, decode_attention_reference,
 )  # fmt: skip
 
 
@@ -272,9 +275,7 @@ def _run(ops: _Ops, query, key, value, *, causal, scale, key_padding, state, pos
     out = ops.run_sparse(query, key, value, selection, causal=causal, scale=scale, key_padding=key_padding)
     if tail:
         # The last rows, exact: they compute the first generated token (later tokens run the exact decode kernels).
-        out[:, :, -tail:] = ops.dense(
-            query[:, :, -tail:], key, value, causal=True, scale=scale, key_padding=key_padding
-        )
+        out[:, :, -tail:] = ops.tail(query[:, :, -tail:], key, value, scale=scale, key_padding=key_padding)
     return out
 
 
