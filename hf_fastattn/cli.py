@@ -169,7 +169,7 @@ def calibrate(args: argparse.Namespace) -> int:
             budgets = calibrate_seer_budgets(
                 model, args.data, tokenizer=tokenizer, samples=args.samples, sequence_length=args.seq_len,
                 sparsities=args.sparsities, block_size=args.block_size, sink_blocks=args.sink_blocks,
-                local_blocks=args.local_blocks, tail_blocks=args.tail_blocks, output_dir=args.out,
+                local_blocks=args.local_blocks, output_dir=args.out,
             )  # fmt: skip
         else:
             calibration = calibrate_bsfa(
@@ -321,7 +321,6 @@ def _add_calibrate_parser(commands) -> None:
     seer.add_argument("--block-size", type=int, default=64, help="block size of the gates (default: 64)")
     seer.add_argument("--sink-blocks", type=int, default=1, help="always-kept first blocks (default: 1)")
     seer.add_argument("--local-blocks", type=int, default=1, help="always-kept local blocks (default: 1)")
-    seer.add_argument("--tail-blocks", type=int, default=1, help="last query blocks kept dense (default: 1)")
     seer.add_argument("--out", required=True, metavar="DIR", help="artifact folder (created)")
     seer.add_argument("--device", help="default: cuda if available, else cpu")
     seer.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")

@@ -27,6 +27,7 @@ import hf_fastattn.ops.seer.attention as seer_attention
 from hf_fastattn import ArtifactError
 from hf_fastattn.artifacts import CONFIG_NAME, TENSORS_NAME
 from hf_fastattn.methods import seer
+from hf_fastattn.ops.dense import dense_attention_reference
 from hf_fastattn.ops.seer import (
     attention_with_block_target_reference,
     block_sparse_attention_reference,
@@ -107,18 +108,11 @@ class Spy:
     """Records the method's kernel calls (inputs, kwargs, output), gate calls, decode steps, Triton launches and SDPA
     fallbacks; the plain-PyTorch reference path must never run."""
 
-    KERNELS = ("sparse", "target", "dense", "pool", "select")
+    KERNELS = ("sparse", "target", "dense", "pool", "select", "tail")
 
     def __init__(self, monkeypatch):
-        self.sparse, self.target, self.dense, self.pool, self.select, self.gate, self.decode = (
-            [],
-            [],
-            [],
-            [],
-            [],
-            [],
-            [],
-        )
+        self.sparse, self.target, self.dense, self.pool, self.select, self.tail = [], [], [], [], [], []
+        self.gate, self.decode = [], []
         self.launches, self.fallbacks = [], 0
         kernels = {name: self._recording(getattr(seer._KERNELS, name), getattr(self, name)) for name in self.KERNELS}
         kernels["pool"] = self._recording(seer._KERNELS.pool, self.pool, positional=("x", "block_size"))
@@ -161,12 +155,14 @@ class Spy:
 
     @staticmethod
     def _recording(function, calls, positional=("q", "k", "v")):
-        """Records the first ``positional`` arguments by name, the rest as ``args``, and the output."""
+        """Records the first ``positional`` arguments by name, the rest as ``args``, and the output as returned (a
+        copy: the method writes the exact tail rows into the block-sparse kernel's output afterwards)."""
 
         def wrapper(*args, **kwargs):
             out = function(*args, **kwargs)
             named = dict(zip(positional, args))
-            calls.append({**named, "args": args[len(positional) :], "kwargs": kwargs, "out": out})
+            snapshot = out.clone() if isinstance(out, torch.Tensor) else out
+            calls.append({**named, "args": args[len(positional) :], "kwargs": kwargs, "out": snapshot})
             return out
 
         return wrapper
@@ -226,7 +222,7 @@ def test_sparsity_zero_matches_eager(arch, monkeypatch, caplog):
     assert warnings_of(caplog) == []
     blocks = 3 * 4 // 2 if arch == "llama" else 3 * 3  # per (batch row, KV head): causal triangle or everything
     kv_heads = 2 if arch == "llama" else 4
-    per_layer = {"density": 1.0, "blocks": {"selected": 2 * kv_heads * blocks, "visible": 2 * kv_heads * blocks}}
+    per_layer = {"density": 1.0, "blocks": {"computed": 2 * kv_heads * blocks, "visible": 2 * kv_heads * blocks}}
     assert statistics(model) == [per_layer] * LAYERS
     for state in hf_fastattn.layer_states(model):
         state.reset_statistics()
@@ -255,20 +251,20 @@ def test_gate_selection_runs_the_block_sparse_kernel(arch, rule, density, monkey
     rule makes from the gate's probabilities, and the realised density is those selections' count. No sink block, so
     that most rows have a choice to make."""
     reference, model = model_pair(arch)
-    rule = {**rule, "sink_blocks": 0, "local_blocks": 1, "tail_blocks": 0}
-    hf_fastattn.patch(model, "seer", block_size=BLOCK, gate_dim=GATE_DIM, **rule)
+    rule = {**rule, "sink_blocks": 0, "local_blocks": 1}
+    hf_fastattn.patch(model, "seer", block_size=BLOCK, gate_dim=GATE_DIM, tail_tokens=0, **rule)
     spy = Spy(monkeypatch)
     seq = 80 if arch == "llama" else 64
     ids, mask = prompt(seq=seq, pad=20)
     got = output(model, ids, mask)
     spy.assert_sparse_kernel_ran(LAYERS)
-    assert spy.target == [] and spy.dense == [] and warnings_of(caplog) == []
+    assert spy.target == spy.dense == spy.tail == [] and warnings_of(caplog) == []
     causal = arch == "llama"
     selected, visible = check_sparse_calls(spy, causal=causal, **rule)
     if density is not None:
         assert selected / visible == pytest.approx(density)
     layer_stats = statistics(model)
-    assert sum(s["blocks"]["selected"] for s in layer_stats) == selected
+    assert sum(s["blocks"]["computed"] for s in layer_stats) == selected
     assert sum(s["blocks"]["visible"] for s in layer_stats) == visible
     assert all(0.0 < density < 1.0 for density in densities(model))
     # The gate really chooses: its selections differ between KV heads, and the output is not eager's.
@@ -278,32 +274,101 @@ def test_gate_selection_runs_the_block_sparse_kernel(arch, rule, density, monkey
     assert (got[valid] - output(reference, ids, mask)[valid]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("tail_blocks", [None, 0, 2])
-def test_last_query_blocks_attend_to_every_visible_block(tail_blocks, monkeypatch):
-    """``tail_blocks`` (default 1): the last query blocks keep every visible key block, whatever the gate scores;
-    with 0 they follow the rule like every other row (at 80%: the diagonal only, for these short rows)."""
+@pytest.mark.parametrize(("tail", "allocation"), [(12, "head"), (12, "row"), (0, "head")])
+def test_exact_tail_rows(tail, allocation, monkeypatch):
+    """``tail_tokens``: the last rows of a causal prefill are exact attention over every key (the split-KV decode
+    kernels), the other rows the block-sparse kernel's; with ``allocation="head"`` the tail's work comes out of each
+    head's budget, and it counts in the realised density. 12 rows of 122 (16-token blocks, the last one 10 rows) span
+    two query blocks."""
     _, model = model_pair()
-    config = {} if tail_blocks is None else {"tail_blocks": tail_blocks}
-    hf_fastattn.patch(model, "seer", sparsity=0.8, block_size=BLOCK, gate_dim=GATE_DIM, sink_blocks=0, **config)
+    hf_fastattn.patch(model, "seer", sparsity=0.5, block_size=BLOCK, gate_dim=GATE_DIM, sink_blocks=0,
+                      allocation=allocation, tail_tokens=tail)  # fmt: skip
     randomise_gates(model)
     spy = Spy(monkeypatch)
-    output(model, *prompt(seq=80, pad=0))
+    seq = 122
+    output(model, *prompt(seq=seq, pad=13))
     spy.assert_sparse_kernel_ran(LAYERS)
-    visible, _ = visible_blocks(80, 80, causal=True, block_size=BLOCK)
-    tail = 1 if tail_blocks is None else tail_blocks
-    for call in spy.sparse:
-        mask = selection_mask(call["args"][0])  # (B, H_kv, NQ, NK)
-        for m in range(visible.shape[0]):
-            full_row = (mask[:, :, m] == visible[m]).all()
-            assert bool(full_row) == (m >= visible.shape[0] - tail or m == 0), f"tail {tail}, query block {m}"
+    assert len(spy.tail) == (LAYERS if tail else 0)
+    visible, _ = visible_blocks(seq, seq, causal=True, block_size=BLOCK)
+    tail_work = (tail * seq - tail * (tail - 1) // 2) / BLOCK**2  # keys seen by the tail rows, in 16x16 blocks
+    budget = math.ceil(0.5 * int(visible.sum()))
+    assert budget - math.ceil(tail_work) > visible.shape[0]  # beyond the diagonal blocks: nothing clamps
+    computed = 0.0
+    for sparse_call, select_call, index in zip(spy.sparse, spy.select, range(LAYERS)):
+        mask = selection_mask(sparse_call["args"][0])  # (B, H_kv, NQ, NK)
+        if allocation == "head":
+            assert (mask.sum((-2, -1)) == budget - math.ceil(tail_work)).all()
+            assert select_call["kwargs"]["reserved_blocks"] == math.ceil(tail_work)
+        else:
+            assert "reserved_blocks" not in select_call["kwargs"]
+        computed += int(mask.sum()) + tail_work * mask.shape[0] * mask.shape[1]
+        if not tail:
+            continue
+        tail_call = spy.tail[index]
+        assert tail_call["q"].shape[2] == tail and tail_call["k"] is sparse_call["k"]
+        torch.testing.assert_close(tail_call["q"], sparse_call["q"][:, :, -tail:], atol=0, rtol=0)
+        kwargs = tail_call["kwargs"]
+        assert torch.equal(kwargs["key_padding"], sparse_call["kwargs"]["key_padding"])
+        exact = dense_attention_reference(
+            sparse_call["q"], sparse_call["k"], sparse_call["v"], causal=True, scale=kwargs["scale"],
+            key_padding=kwargs["key_padding"],
+        )  # fmt: skip
+        torch.testing.assert_close(tail_call["out"], exact[:, :, -tail:], **KERNEL_TOL)
+    visible_total = int(visible.sum()) * 2 * LLAMA.num_key_value_heads * LAYERS
+    assert sum(entry["blocks"]["computed"] for entry in statistics(model)) == pytest.approx(computed)
+    assert sum(entry["blocks"]["visible"] for entry in statistics(model)) == visible_total
+    if allocation == "head":  # the budget's density, less under one block per head for the rounded-up reserve
+        per_head = computed / (visible_total // int(visible.sum()))
+        assert budget - 1 < per_head <= budget
+
+
+def test_exact_tail_output_is_written_into_the_layer_output(monkeypatch):
+    """End to end through the attention function: the tail rows of its output are the exact ones, the other rows the
+    block-sparse kernel's (recorded before the tail was written)."""
+    _, model = model_pair()
+    hf_fastattn.patch(model, "seer", sparsity=0.8, block_size=BLOCK, gate_dim=GATE_DIM, tail_tokens=20)
+    randomise_gates(model)
+    spy = Spy(monkeypatch)
+    outputs = []
+    real = seer._run
+
+    def run(*args, **kwargs):
+        outputs.append(real(*args, **kwargs))
+        return outputs[-1]
+
+    monkeypatch.setattr(seer, "_run", run)
+    output(model, *prompt(seq=80, pad=0))
+    assert len(outputs) == len(spy.sparse) == len(spy.tail) == LAYERS
+    for out, sparse_call, tail_call in zip(outputs, spy.sparse, spy.tail):
+        torch.testing.assert_close(out[:, :, -20:], tail_call["out"], atol=0, rtol=0)
+        torch.testing.assert_close(out[:, :, :-20], sparse_call["out"][:, :, :-20], atol=0, rtol=0)
+        assert (sparse_call["out"][:, :, -20:] - tail_call["out"]).abs().max() > 1e-3  # the tail changed them
+
+
+def test_prompt_within_the_tail_runs_dense_attention(monkeypatch):
+    """A causal prompt no longer than ``tail_tokens`` has nothing to gate: the dense kernel runs, and the density is
+    1; a bidirectional encoder has no tail and stays sparse."""
+    reference, model = model_pair()
+    hf_fastattn.patch(model, "seer", sparsity=0.8, block_size=BLOCK, gate_dim=GATE_DIM, tail_tokens=48)
+    spy = Spy(monkeypatch)
+    ids, mask = prompt(seq=48, pad=0)
+    torch.testing.assert_close(output(model, ids, mask), output(reference, ids, mask), **TOL)
+    assert spy.sparse == spy.gate == spy.tail == [] and len(spy.dense) == LAYERS
+    assert densities(model) == [1.0] * LAYERS
+    _, encoder = model_pair("bert")
+    hf_fastattn.patch(encoder, "seer", sparsity=0.5, block_size=BLOCK, gate_dim=GATE_DIM, tail_tokens=48)
+    spy = Spy(monkeypatch)
+    output(encoder, *prompt(seq=48, pad=0))
+    spy.assert_sparse_kernel_ran(LAYERS)
+    assert spy.tail == [] and spy.dense == []
 
 
 def test_oracle_selects_from_the_ground_truth(monkeypatch, caplog):
     """``mode="oracle"``: the ground-truth kernel runs first and the selection is the sparsity rule applied to its
     normalised (GQA max-pooled) block map, recomputed here by the reference on the recorded q/k/v."""
     _, model = model_pair()
-    rule = {"sparsity": 0.5, "sink_blocks": 0, "local_blocks": 1, "tail_blocks": 0}
-    hf_fastattn.patch(model, "seer", mode="oracle", block_size=BLOCK, gate_dim=GATE_DIM, **rule)
+    rule = {"sparsity": 0.5, "sink_blocks": 0, "local_blocks": 1}
+    hf_fastattn.patch(model, "seer", mode="oracle", block_size=BLOCK, gate_dim=GATE_DIM, tail_tokens=0, **rule)
     spy = Spy(monkeypatch)
     ids, mask = prompt(seq=64, pad=11)
     output(model, ids, mask)
@@ -557,7 +622,7 @@ def test_gates_load_through_patch(gate_artifact):
     for state in hf_fastattn.layer_states(other):
         # block_size and gate_dim come from the artifact (not the 64 / 128 defaults); "gates" is not kept.
         assert state.config == {
-            "block_size": BLOCK, "gate_dim": GATE_DIM, "mode": "gate", "local_blocks": 1, "tail_blocks": 1,
+            "block_size": BLOCK, "gate_dim": GATE_DIM, "mode": "gate", "local_blocks": 1, "tail_tokens": 32,
             "allocation": "row", **RULE,
         }  # fmt: skip
     # Same gates and base weights: the same selections, the same logits.
@@ -656,7 +721,7 @@ def test_gradients_fall_back_to_sdpa_with_one_warning(monkeypatch, caplog):
     """A call that needs gradients through attention runs SDPA (dense: eager's answer), warning once; without
     gradients the block-sparse kernel runs again, silently."""
     reference, model = model_pair()
-    hf_fastattn.patch(model, "seer", sparsity=0.5, block_size=BLOCK, gate_dim=GATE_DIM, tail_blocks=0)
+    hf_fastattn.patch(model, "seer", sparsity=0.5, block_size=BLOCK, gate_dim=GATE_DIM, tail_tokens=0)
     spy = Spy(monkeypatch)
     ids, mask = prompt(seq=48, pad=9)
     valid = mask.bool()

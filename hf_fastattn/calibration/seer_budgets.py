@@ -12,7 +12,8 @@ probabilities, row-normalised) on training windows:
 
 At patch time (``patch(model, "seer", gates=..., budgets=DIR, sparsity=s)``) each layer's weights for ``s`` are
 interpolated linearly between grid points, and head ``h`` chooses ``round(w * need)`` blocks beyond the always-kept
-ones (:func:`~hf_fastattn.ops.seer.blocks.head_needs`). Weights are relative, so they apply at other lengths
+ones (:func:`~hf_fastattn.ops.seer.blocks.head_needs`; the exact tail rows' work, ``tail_tokens``, is taken off
+``need`` first). Weights are relative, so they apply at other lengths
 too; they are calibrated for one length, and the realised density (reported by the method) is the check.
 """
 
@@ -48,7 +49,6 @@ class SeerBudgets:
     block_size: int
     sink_blocks: int
     local_blocks: int
-    tail_blocks: int
     fingerprint: dict
     details: dict = field(default_factory=dict)  # samples, length, data source, seconds
 
@@ -67,16 +67,14 @@ class SeerBudgets:
         mix = (sparsity - s0) / (s1 - s0)
         return tuple(torch.lerp(table[upper - 1], table[upper], mix).tolist())
 
-    def check(
-        self, model: nn.Module, *, block_size: int, sink_blocks: int, local_blocks: int, tail_blocks: int, source
-    ) -> None:
+    def check(self, model: nn.Module, *, block_size: int, sink_blocks: int, local_blocks: int, source) -> None:
         """Raise :class:`~hf_fastattn.ArtifactError` unless these budgets fit ``model`` and the selection geometry."""
         from ..artifacts import ArtifactError, check_fingerprint
 
         check_fingerprint(model, {"fingerprint": self.fingerprint}, source)
-        names = ("block_size", "sink_blocks", "local_blocks", "tail_blocks")
+        names = ("block_size", "sink_blocks", "local_blocks")
         calibrated = {name: getattr(self, name) for name in names}
-        requested = dict(zip(names, (block_size, sink_blocks, local_blocks, tail_blocks)))
+        requested = dict(zip(names, (block_size, sink_blocks, local_blocks)))
         if calibrated != requested:
             differing = sorted(name for name in calibrated if calibrated[name] != requested[name])
             raise ArtifactError(
@@ -96,7 +94,6 @@ class SeerBudgets:
             "block_size": self.block_size,
             "sink_blocks": self.sink_blocks,
             "local_blocks": self.local_blocks,
-            "tail_blocks": self.tail_blocks,
             **self.details,
         }
         return write_artifact(directory, self.fingerprint, [], tensors, metadata)
@@ -113,10 +110,15 @@ class SeerBudgets:
                 f"{directory} is not a Seer budget artifact of version {BUDGET_FORMAT_VERSION} (found {version!r})"
             )
         weights = {int(name.split(".")[1]): tensor.float() for name, tensor in tensors.items()}
-        geometry = ("sparsities", "block_size", "sink_blocks", "local_blocks", "tail_blocks")
+        if metadata.get("tail_blocks", 0):
+            # An earlier version counted dense last query blocks among the always-kept ones (now ``tail_tokens``).
+            raise ArtifactError(
+                f"{directory} was calibrated with tail_blocks={metadata['tail_blocks']}, a selection this version no "
+                "longer has; recalibrate with hf-fastattn calibrate seer"
+            )
+        geometry = ("sparsities", "block_size", "sink_blocks", "local_blocks")
         details = {key: value for key, value in metadata.items() if key not in (*geometry, "seer_budget_version")}
-        # tail_blocks was added within format version 1: artifacts without it kept no tail block.
-        values = {name: metadata[name] if name != "tail_blocks" else metadata.get(name, 0) for name in geometry}
+        values = {name: metadata[name] for name in geometry}
         return cls(**values, weights=weights, fingerprint=config["fingerprint"], details=details)
 
 
@@ -131,7 +133,6 @@ def calibrate_seer_budgets(
     block_size: int = DEFAULT_BLOCK_SIZE,
     sink_blocks: int = 1,
     local_blocks: int = 1,
-    tail_blocks: int = 1,
     output_dir: str | Path | None = None,
     progress: bool = True,
 ) -> SeerBudgets:
@@ -152,8 +153,7 @@ def calibrate_seer_budgets(
     start = time.perf_counter()
     windows, source = token_windows(dataset, tokenizer, samples=samples, length=sequence_length)
     device = next(model.parameters()).device
-    geometry = {"block_size": block_size, "sink_blocks": sink_blocks, "local_blocks": local_blocks,
-                "tail_blocks": tail_blocks}  # fmt: skip
+    geometry = {"block_size": block_size, "sink_blocks": sink_blocks, "local_blocks": local_blocks}
     window_targets: dict[int, tuple[torch.Tensor, bool]] = {}  # layer index -> (target, causal), one window
     totals: torch.Tensor | None = None
     layer_indices: list[int] = []
@@ -201,7 +201,7 @@ def calibrate_seer_budgets(
 
 def _window_weights(targets, sparsities, length, causal, *, block_size, **always_kept) -> torch.Tensor:
     """``(len(sparsities), layers, H_kv)``: one window's weights, each layer's target ``(1, H_kv, NQ, NK)``;
-    ``always_kept``: ``sink_blocks``, ``local_blocks``, ``tail_blocks``."""
+    ``always_kept``: ``sink_blocks``, ``local_blocks``."""
     free = free_blocks(length, length, causal=causal, block_size=block_size, device=targets[0].device, **always_kept)
     free = free.flatten()
     # Every free block's target value, per (layer, head); heads from all layers compete for one budget.

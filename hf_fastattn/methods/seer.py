@@ -22,10 +22,13 @@ Configuration (``patch(model, "seer", ...)``):
   (:func:`hf_fastattn.calibrate_seer_budgets` or ``hf-fastattn calibrate seer``, a directory or the object): heads
   whose attention is spread get more blocks and concentrated ones fewer, at the same model-wide density.
 * ``sink_blocks`` (default 1) and ``local_blocks`` (default 1, the diagonal): always kept, counted in the budget.
-* ``tail_blocks`` (default 1): the last query blocks attend to every visible key block, counted in the budget. In a
-  causal LM the last block computes the first generated token (decode steps are exact anyway); on SmolLM2's needle
-  grid at 50% it takes the gates from 0.28-0.40 to 0.49-0.51 (dense 0.455), at some perplexity cost with
-  ``"head"``/``budgets`` at high sparsity (``benchmarks/results/seer_smollm2``). ``tail_blocks=0`` turns it off.
+* ``tail_tokens`` (default 32, causal only): the last query rows attend exactly to every key, on the split-KV decode
+  kernels. In a causal LM the last row computes the first generated token (later tokens run the exact decode
+  kernels anyway). Their work (``tail * S`` keys, in blocks of ``block_size``²) counts in the realised density and,
+  with ``allocation="head"``/``budgets``, comes out of the shared budget, so the density stays the requested one. On
+  SmolLM2's needle grid at 50% with ``budgets`` it takes the gates from 0.284 to 0.511 (dense 0.455) for 0.2% of
+  perplexity at 80% (``benchmarks/results/seer_smollm2``). A prompt no longer than the tail runs dense. ``0`` turns
+  it off; so does ``sparsity=0``, which computes every block anyway.
 * ``block_size`` (64) and ``gate_dim`` (128): fixed by trained gates.
 * ``decode``: the decode-step strategy every method takes (decode runs the shared exact decode kernels).
 
@@ -230,7 +233,8 @@ def _run(ops: _Ops, query, key, value, *, causal, scale, key_padding, state, pos
     sink = getattr(state, GATE_LOSS_SINK, None)
     target_sink = getattr(state, TARGET_SINK, None)
     seq = query.shape[2]
-    tail = min(config["tail_tokens"], seq) if causal else 0
+    # sparsity=0 keeps every block already: an exact tail would only compute its rows twice.
+    tail = min(config["tail_tokens"], seq) if causal and config.get("sparsity") != 0 else 0
     if tail == seq and sink is None and target_sink is None:  # a prompt within the exact tail: nothing to gate
         blocks = math.ceil(seq / block)
         visible = _visible_total(blocks, blocks, causal) * key.shape[0] * key.shape[1]
@@ -266,8 +270,8 @@ def _run(ops: _Ops, query, key, value, *, causal, scale, key_padding, state, pos
         rule["reserved_blocks"] = math.ceil(tail_work)
     selection = ops.select(
         scores, seq_q=seq, seq_k=seq, causal=causal, block_size=block,
-        sink_blocks=config["sink_blocks"], local_blocks=config["local_blocks"], tail_blocks=config["tail_blocks"],
-        allocation=config["allocation"], **rule,
+        sink_blocks=config["sink_blocks"], local_blocks=config["local_blocks"], allocation=config["allocation"],
+        **rule,
     )  # fmt: skip
     batch, heads, nq, nk = selection.shape
     computed = selection.selected_blocks().sum(dtype=torch.float64) + tail_work * batch * heads
@@ -354,7 +358,7 @@ def seer_statistics(state: LayerState) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 _DEFAULTS = {"mode": "gate", "block_size": DEFAULT_BLOCK_SIZE, "gate_dim": DEFAULT_GATE_DIM, "sink_blocks": 1,
-             "local_blocks": 1, "tail_blocks": 0, "tail_tokens": 32, "allocation": "row"}  # fmt: skip
+             "local_blocks": 1, "tail_tokens": 32, "allocation": "row"}  # fmt: skip
 _USER_KEYS = {"gates", "budgets", *_DEFAULTS, *_SELECTION_RULES}
 
 
@@ -431,7 +435,7 @@ def _check_config(config: dict) -> None:
     sparsity = config.get("sparsity")
     if sparsity is not None and not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    for name in ("sink_blocks", "local_blocks", "tail_blocks", "tail_tokens"):
+    for name in ("sink_blocks", "local_blocks", "tail_tokens"):
         value = config.get(name, 0)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"fastattn_seer {name} must be an integer >= 0, got {value!r}")
@@ -488,7 +492,7 @@ def _apply_budgets(model, state: LayerState, budgets) -> None:
     source = config["budgets"]
     where = "calibration (in memory)" if budgets is source else str(source)
     budgets.check(model, block_size=config["block_size"], sink_blocks=config["sink_blocks"],
-                  local_blocks=config["local_blocks"], tail_blocks=config["tail_blocks"], source=where)  # fmt: skip
+                  local_blocks=config["local_blocks"], source=where)  # fmt: skip
     state.__dict__["_head_weights"] = budgets.head_weights(state.layer_index, config["sparsity"])
     config["budgets"] = where
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 
 import pytest
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hf_fastattn
 from hf_fastattn import ArtifactError, SeerBudgets, calibrate_seer_budgets
+from hf_fastattn.artifacts import CONFIG_NAME
 from hf_fastattn.methods import seer
 from hf_fastattn.ops.seer import selection_mask
 
@@ -29,7 +31,7 @@ SEQ, BLOCK = 96, 16
 NB = SEQ // BLOCK
 VISIBLE = NB * (NB + 1) // 2  # 21
 FREE = [(m, n) for m in range(NB) for n in range(m)]  # below the diagonal: 15
-GEOMETRY = {"block_size": BLOCK, "sink_blocks": 0, "local_blocks": 1, "tail_blocks": 0}
+GEOMETRY = {"block_size": BLOCK, "sink_blocks": 0, "local_blocks": 1}
 GRID = (0.0, 0.3, 0.5, 0.8)
 CONFIG = LlamaConfig(
     vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -128,7 +130,7 @@ def test_artifact_round_trip_and_patch(calibrated, tmp_path):
     directory = budgets.save(tmp_path / "budgets")
     loaded = SeerBudgets.load(directory)
     assert loaded.sparsities == budgets.sparsities and loaded.fingerprint == budgets.fingerprint
-    assert (loaded.block_size, loaded.sink_blocks, loaded.local_blocks, loaded.tail_blocks) == (BLOCK, 0, 1, 0)
+    assert (loaded.block_size, loaded.sink_blocks, loaded.local_blocks) == (BLOCK, 0, 1)
     for layer in budgets.weights:
         assert torch.equal(loaded.weights[layer], budgets.weights[layer])
     for source in (directory, budgets):
@@ -141,7 +143,8 @@ def test_artifact_round_trip_and_patch(calibrated, tmp_path):
 
 
 def test_selection_gives_each_head_its_weighted_budget(calibrated, monkeypatch):
-    """Each gated prefill's selection keeps, per (batch, KV head), the diagonal plus ``round(w * need)`` blocks."""
+    """Each gated prefill's selection keeps, per (batch, KV head), the diagonal plus ``round(w * need)`` blocks, where
+    ``need`` is the uniform one less the exact tail's work (8 rows of 96 keys: 2.9 blocks of 16x16, 3 reserved)."""
     model, budgets, _ = calibrated
     calls = []
     real_select = seer._KERNELS.select
@@ -152,15 +155,16 @@ def test_selection_gives_each_head_its_weighted_budget(calibrated, monkeypatch):
         return out
 
     monkeypatch.setattr(seer, "_KERNELS", dataclasses.replace(seer._KERNELS, select=select))
-    sparsity = 0.5
-    with hf_fastattn.use(model, "seer", budgets=budgets, sparsity=sparsity, gate_dim=16, **GEOMETRY), torch.no_grad():
+    sparsity, config = 0.3, {"budgets": budgets, "gate_dim": 16, "tail_tokens": 8, **GEOMETRY}
+    with hf_fastattn.use(model, "seer", sparsity=sparsity, **config), torch.no_grad():
         model(IDS)
     assert len(calls) == LAYERS
     for layer, (kwargs, selection) in enumerate(calls):
         weights = budgets.head_weights(layer, sparsity)
-        assert kwargs["head_weights"] == weights and kwargs["allocation"] == "head"
+        assert kwargs["head_weights"] == weights and kwargs["allocation"] == "head" and kwargs["reserved_blocks"] == 3
         kept = selection_mask(selection).sum((-2, -1))  # (B, H_kv)
-        expected = torch.tensor([NB + min(len(FREE), math.floor(w * uniform_need(sparsity) + 0.5)) for w in weights])
+        need = uniform_need(sparsity) - 3
+        expected = torch.tensor([NB + min(len(FREE), math.floor(w * need + 0.5)) for w in weights])
         assert torch.equal(kept, expected.expand_as(kept)), f"layer {layer}: {kept} != {expected}"
 
 
@@ -168,9 +172,16 @@ def test_mismatches_are_refused(calibrated, tmp_path):
     model, budgets, _ = calibrated
     directory = budgets.save(tmp_path / "budgets")
     with pytest.raises(ArtifactError, match=r"calibrated with block_size=16, but block_size=32 was requested"):
-        hf_fastattn.patch(model, "seer", budgets=directory, block_size=32, sink_blocks=0, tail_blocks=0)
-    with pytest.raises(ArtifactError, match=r"with sink_blocks=0, tail_blocks=0, but sink_blocks=1, tail_blocks=1 was"):
-        hf_fastattn.patch(model, "seer", budgets=directory, block_size=BLOCK)
+        hf_fastattn.patch(model, "seer", budgets=directory, block_size=32, sink_blocks=0)
+    with pytest.raises(
+        ArtifactError, match=r"with local_blocks=1, sink_blocks=0, but local_blocks=2, sink_blocks=1 was"
+    ):
+        hf_fastattn.patch(model, "seer", budgets=directory, block_size=BLOCK, local_blocks=2)
+    # An earlier version's artifact, calibrated with dense last query blocks, is refused by name.
+    _rewrite_metadata(directory, tail_blocks=1)
+    with pytest.raises(ArtifactError, match=r"calibrated with tail_blocks=1, a selection this version no longer has"):
+        hf_fastattn.patch(model, "seer", budgets=directory, **GEOMETRY)
+    directory = budgets.save(tmp_path / "budgets")
     bigger_config = copy.deepcopy(CONFIG)
     bigger_config.num_hidden_layers = 3
     with pytest.raises(ArtifactError, match="different model"):
@@ -208,3 +219,10 @@ def test_budgets_with_another_rule_are_refused(calibrated, config, message):
 def test_calibrate_argument_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         calibrate_seer_budgets(tiny_llama(), IDS, samples=1, **{"sequence_length": SEQ, **GEOMETRY, **kwargs})
+
+
+def _rewrite_metadata(directory, **changes) -> None:
+    path = directory / CONFIG_NAME
+    config = json.loads(path.read_text())
+    config["metadata"].update(changes)
+    path.write_text(json.dumps(config))

@@ -137,11 +137,10 @@ def block_geometry(seq_q, seq_k, *, causal, block_size):
     return (blocks & valid_row).any(dim=(1, 3)), (blocks | ~valid_row).all(dim=(1, 3))
 
 
-def expected_forced(seq_q, seq_k, *, causal, block_size, sink_blocks=1, local_blocks=1, tail_blocks=0):
+def expected_forced(seq_q, seq_k, *, causal, block_size, sink_blocks=1, local_blocks=1):
     """Always-kept blocks, row by row: the first ``sink_blocks`` key blocks; the key block of every row's own key
     ``i + S_kv - S_q`` (clamped into the keys: the diagonal, possibly two blocks when bottom-right aligned); the
-    ``local_blocks`` key blocks ending at the last row's; every block of the last ``tail_blocks`` query blocks; all
-    restricted to visible blocks."""
+    ``local_blocks`` key blocks ending at the last row's; all restricted to visible blocks."""
     visible, _ = block_geometry(seq_q, seq_k, causal=causal, block_size=block_size)
     nq, nk = visible.shape
     forced = torch.zeros(nq, nk, dtype=torch.bool)
@@ -151,8 +150,6 @@ def expected_forced(seq_q, seq_k, *, causal, block_size, sink_blocks=1, local_bl
         own_blocks = [min(max(i + seq_k - seq_q, 0), seq_k - 1) // block_size for i in rows]
         last = own_blocks[-1]
         forced[m, sorted(set(own_blocks) | set(range(max(0, last - local_blocks + 1), last + 1)))] = True
-        if m >= nq - tail_blocks:
-            forced[m] = True
     return forced & visible
 
 
@@ -529,8 +526,8 @@ def test_visible_and_always_kept_blocks(geometry):
     visible, full = visible_blocks(seq_q, seq_k, causal=causal, block_size=block_size)
     exp_visible, exp_full = block_geometry(seq_q, seq_k, causal=causal, block_size=block_size)
     assert torch.equal(visible, exp_visible) and torch.equal(full, exp_full)
-    for sink, local, tail in [(1, 1, 0), (0, 1, 0), (2, 1, 0), (1, 2, 0), (1, 3, 0), (1, 1, 1), (0, 1, 2)]:
-        kept = {"sink_blocks": sink, "local_blocks": local, "tail_blocks": tail}
+    for sink, local in [(1, 1), (0, 1), (2, 1), (1, 2), (1, 3), (0, 2)]:
+        kept = {"sink_blocks": sink, "local_blocks": local}
         forced = always_kept_blocks(seq_q, seq_k, causal=causal, block_size=block_size, **kept)
         expected = expected_forced(seq_q, seq_k, causal=causal, block_size=block_size, **kept)
         assert torch.equal(forced, expected), f"{kept}:\n{forced.int()}\n!= expected\n{expected.int()}"
@@ -566,10 +563,9 @@ def test_select_blocks_rules(geometry, data):
     nq, nk = num_blocks(seq_q, block_size), num_blocks(seq_k, block_size)
     batch, heads = data.draw(st.integers(1, 2), label="batch"), data.draw(st.integers(1, 3), label="heads")
     scores = draw_scores(data, batch, heads, nq, nk)
-    tail = data.draw(st.integers(0, 2), label="tail_blocks")
     visible, _ = block_geometry(seq_q, seq_k, causal=causal, block_size=block_size)
-    forced = expected_forced(seq_q, seq_k, causal=causal, block_size=block_size, tail_blocks=tail)
-    kw = {"seq_q": seq_q, "seq_k": seq_k, "causal": causal, "block_size": block_size, "tail_blocks": tail}
+    forced = expected_forced(seq_q, seq_k, causal=causal, block_size=block_size)
+    kw = {"seq_q": seq_q, "seq_k": seq_k, "causal": causal, "block_size": block_size}
     rule = data.draw(st.sampled_from(["threshold", "topk", "sparsity"]), label="rule")
     if rule == "threshold":
         threshold = data.draw(
@@ -596,15 +592,16 @@ def test_select_blocks_rules(geometry, data):
     assert (selected | ~forced).all(), "a sink or diagonal block was dropped"
 
 
-def expected_head_selection(scores, forced, visible, sparsity, head_weights=None):
+def expected_head_selection(scores, forced, visible, sparsity, head_weights=None, reserved=0):
     """``allocation="head"`` with Python sorting: per (batch, head), the forced blocks plus the best other visible
-    blocks of any row (ties: lowest row-major index), ``ceil((1 - sparsity) * visible)`` blocks in all. With
-    ``head_weights``, head ``h`` chooses ``min(free, floor(w_h * need + 1/2))`` blocks beyond the forced ones."""
+    blocks of any row (ties: lowest row-major index), ``ceil((1 - sparsity) * visible) - reserved`` blocks in all (at
+    least the forced ones). With ``head_weights``, head ``h`` chooses ``min(free, floor(w_h * need + 1/2))`` blocks
+    beyond the forced ones."""
     batch, heads, nq, nk = scores.shape
     budget = math.ceil((1 - Fraction(sparsity).limit_denominator(100)) * int(visible.sum()))
     expected = torch.zeros(scores.shape, dtype=torch.bool)
     free = [(m, n) for m in range(nq) for n in range(nk) if visible[m, n] and not forced[m, n]]
-    need = min(len(free), max(0, budget - int((forced & visible).sum())))
+    need = min(len(free), max(0, budget - int((forced & visible).sum()) - reserved))
     for b in range(batch):
         for h in range(heads):
             head_need = need if head_weights is None else min(len(free), math.floor(head_weights[h] * need + 0.5))
@@ -628,12 +625,12 @@ def test_select_blocks_head_allocation(geometry, data):
     sparsity = data.draw(st.integers(0, 19), label="sparsity / 20") / 20
     head_weights = data.draw(st.none() | st.lists(st.sampled_from([0.0, 0.3, 1.0, 1.3, 2.7]), min_size=heads,
                                                    max_size=heads), label="head_weights")  # fmt: skip
-    tail = data.draw(st.integers(0, 2), label="tail_blocks")
+    reserved = data.draw(st.integers(0, 4), label="reserved_blocks")
     visible, _ = block_geometry(seq_q, seq_k, causal=causal, block_size=block_size)
-    forced = expected_forced(seq_q, seq_k, causal=causal, block_size=block_size, tail_blocks=tail)
-    kw = {"seq_q": seq_q, "seq_k": seq_k, "causal": causal, "block_size": block_size, "tail_blocks": tail}
+    forced = expected_forced(seq_q, seq_k, causal=causal, block_size=block_size)
+    kw = {"seq_q": seq_q, "seq_k": seq_k, "causal": causal, "block_size": block_size, "reserved_blocks": reserved}
     selected = select_blocks(scores, sparsity=sparsity, allocation="head", head_weights=head_weights, **kw)
-    expected = expected_head_selection(scores, forced, visible, sparsity, head_weights)
+    expected = expected_head_selection(scores, forced, visible, sparsity, head_weights, reserved)
     assert torch.equal(selected, expected), f"{sparsity}:\n{selected.int()}\n!= expected\n{expected.int()}"
 
 
@@ -649,9 +646,7 @@ def test_selection_kernel_equals_reference(geometry, data):
     rule_name = data.draw(
         st.sampled_from(["threshold", "topk", "sparsity", "sparsity-head", "sparsity-head-weighted"]), label="rule"
     )
-    sink, local, tail = data.draw(
-        st.sampled_from([(1, 1, 0), (0, 1, 0), (2, 3, 0), (1, 1, 1), (0, 1, 2)]), label="kept"
-    )
+    sink, local = data.draw(st.sampled_from([(1, 1), (0, 1), (2, 3), (0, 2)]), label="kept")
     if rule_name.startswith("sparsity-head"):  # ties and -inf: the head rule resolves them like the reference
         scores = torch.randint(0, 5, (batch, heads, nq, nk), generator=gen).float()
         scores[torch.rand(scores.shape, generator=gen) < 0.2] = NEG_INF
@@ -661,17 +656,22 @@ def test_selection_kernel_equals_reference(geometry, data):
         "threshold": {"threshold": 0.3},
         "topk": {"topk": data.draw(st.integers(0, nk + 1), label="topk")},
         "sparsity": {"sparsity": data.draw(st.integers(0, 19), label="s") / 20},
-        "sparsity-head": {"sparsity": data.draw(st.integers(0, 19), label="s") / 20, "allocation": "head"},
+        "sparsity-head": {
+            "sparsity": data.draw(st.integers(0, 19), label="s") / 20,
+            "allocation": "head",
+            "reserved_blocks": data.draw(st.integers(0, 4), label="reserved"),
+        },
         "sparsity-head-weighted": {
             "sparsity": data.draw(st.integers(0, 19), label="s") / 20,
             "allocation": "head",
+            "reserved_blocks": data.draw(st.integers(0, 4), label="reserved"),
             "head_weights": data.draw(
                 st.lists(st.sampled_from([0.0, 0.4, 1.0, 1.7, 4.0]), min_size=heads, max_size=heads), label="w"
             ),
         },
     }[rule_name]
     kw = {"seq_q": seq_q, "seq_k": seq_k, "causal": causal, "block_size": block_size}
-    kept = {"sink_blocks": sink, "local_blocks": local, "tail_blocks": tail}
+    kept = {"sink_blocks": sink, "local_blocks": local}
     kernel = select_block_lists(scores.to(DEVICE), **kept, **kw, **rule)
     mask = select_blocks(scores, **kept, **kw, **rule)
     expected = selection_from_mask(mask, **kw)
@@ -714,6 +714,10 @@ def test_select_blocks_rejects_bad_rules():
         select_blocks(torch.rand(1, 2, 2, 2), sparsity=0.5, allocation="head", head_weights=[1.0], **kw)
     with pytest.raises(ValueError, match=r"expected \(NQ, NK\) = \(2, 2\)"):
         select_blocks(torch.rand(1, 1, 2, 3), threshold=0.5, **kw)
+    with pytest.raises(ValueError, match="reserved_blocks come out of the shared budget of allocation='head' only"):
+        select_blocks(scores, sparsity=0.5, reserved_blocks=1, **kw)
+    with pytest.raises(ValueError, match="reserved_blocks must be >= 0"):
+        select_blocks(scores, sparsity=0.5, allocation="head", reserved_blocks=-1, **kw)
     # Zero is a rule, not "no rule".
     assert select_blocks(scores, threshold=0.0, **kw).shape == scores.shape
     assert select_blocks(scores, sparsity=0.0, **kw).sum() == 3  # every visible block

@@ -71,12 +71,11 @@ def _visible_blocks(seq_q: int, seq_k: int, causal: bool, block_size: int, devic
 
 def always_kept_blocks(
     seq_q: int, seq_k: int, *, causal: bool, block_size: int, sink_blocks: int = 1, local_blocks: int = 1,
-    tail_blocks: int = 0, device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:  # fmt: skip
     """Bool ``(NQ, NK)``: the first ``sink_blocks`` key blocks (attention sinks) and, for each query block, the
     ``local_blocks`` key blocks ending at the one holding its last row's own key (bottom-right aligned): the diagonal
-    when ``local_blocks=1``. Every valid row therefore keeps at least its own key. The last ``tail_blocks`` query
-    blocks keep every visible block (a causal LM's last block computes the first generated token)."""
+    when ``local_blocks=1``. Every valid row therefore keeps at least its own key."""
     visible, _ = visible_blocks(seq_q, seq_k, causal=causal, block_size=block_size, device=device)
     nq, nk = visible.shape
     key_block = torch.arange(nk, device=device)[None, :]
@@ -87,8 +86,7 @@ def always_kept_blocks(
     first_row = torch.arange(nq, device=device)[:, None] * block_size
     first_own = torch.clamp((first_row + seq_k - seq_q) // block_size, min=0)
     local |= (key_block >= first_own) & (key_block <= own)
-    tail = torch.arange(nq, device=device)[:, None] >= nq - tail_blocks
-    return ((key_block < sink_blocks) | local | tail) & visible
+    return ((key_block < sink_blocks) | local) & visible
 
 
 ALLOCATIONS = ("row", "head")
@@ -96,20 +94,18 @@ ALLOCATIONS = ("row", "head")
 
 def free_blocks(
     seq_q: int, seq_k: int, *, causal: bool, block_size: int, sink_blocks: int, local_blocks: int,
-    tail_blocks: int = 0, device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:  # fmt: skip
     """Bool ``(NQ, NK)``: the visible blocks a rule chooses among (not always kept). Cached, read-only."""
-    return _free_blocks(
-        seq_q, seq_k, causal, block_size, sink_blocks, local_blocks, tail_blocks, str(torch.device(device))
-    )
+    return _free_blocks(seq_q, seq_k, causal, block_size, sink_blocks, local_blocks, str(torch.device(device)))
 
 
 @functools.lru_cache(maxsize=64)
-def _free_blocks(seq_q, seq_k, causal, block_size, sink_blocks, local_blocks, tail_blocks, device) -> torch.Tensor:
+def _free_blocks(seq_q, seq_k, causal, block_size, sink_blocks, local_blocks, device) -> torch.Tensor:
     visible, _ = visible_blocks(seq_q, seq_k, causal=causal, block_size=block_size, device=device)
     forced = always_kept_blocks(
         seq_q, seq_k, causal=causal, block_size=block_size, sink_blocks=sink_blocks, local_blocks=local_blocks,
-        tail_blocks=tail_blocks, device=device,
+        device=device,
     )  # fmt: skip
     return visible & ~forced
 
@@ -183,7 +179,6 @@ def select_blocks(
     local_blocks: int = 1,
     allocation: str = "row",
     head_weights: tuple[float, ...] | None = None,
-    tail_blocks: int = 0,
     reserved_blocks: int = 0,
 ) -> torch.Tensor:
     """Bool ``(B, H, NQ, NK)`` block mask from block scores (gate probabilities or a ground-truth map).
@@ -194,7 +189,7 @@ def select_blocks(
     ``allocation="head"`` the budget ``ceil((1 - sparsity) * visible)`` is counted over all query blocks of a
     (batch, head) and goes to the best blocks of any row, so rows whose attention is spread keep more than rows
     whose attention is concentrated. Scores must then be comparable across rows (row-normalised probabilities or
-    log-probabilities). The sink, local and tail blocks (:func:`always_kept_blocks`) are always kept and count towards
+    log-probabilities). The sink and local blocks (:func:`always_kept_blocks`) are always kept and count towards
     the budget; invisible blocks are never selected. Ties at the cut go to the lowest block index (row-major for
     ``"head"``). ``head_weights`` (one per head, ``"head"`` only) scale each head's share of the budget beyond the
     always-kept blocks (:func:`head_needs`): calibrated budgets give heads with spread-out attention more blocks.
@@ -207,7 +202,7 @@ def select_blocks(
     visible, _ = visible_blocks(seq_q, seq_k, causal=causal, block_size=block_size, device=device)
     if scores.shape[-2:] != visible.shape:
         raise ValueError(f"block scores end in {tuple(scores.shape[-2:])}, expected (NQ, NK) = {tuple(visible.shape)}")
-    kept = {"sink_blocks": sink_blocks, "local_blocks": local_blocks, "tail_blocks": tail_blocks}
+    kept = {"sink_blocks": sink_blocks, "local_blocks": local_blocks}
     forced = always_kept_blocks(seq_q, seq_k, causal=causal, block_size=block_size, device=device, **kept)
     if threshold is not None:
         return ((scores > threshold) | forced) & visible
@@ -235,7 +230,7 @@ def select_blocks(
 
 def head_needs(
     seq_q: int, seq_k: int, *, causal: bool, block_size: int, sparsity: float, sink_blocks: int, local_blocks: int,
-    tail_blocks: int = 0, heads: int, head_weights=None, reserved_blocks: int = 0,
+    heads: int, head_weights=None, reserved_blocks: int = 0,
 ) -> tuple[int, ...]:  # fmt: skip
     """Blocks each (batch, head) chooses beyond the always-kept ones under ``sparsity`` with ``allocation="head"``:
     the budget ``ceil((1 - sparsity) * visible)`` less the always-kept and the ``reserved_blocks`` (work done outside
@@ -245,17 +240,14 @@ def head_needs(
     the model's average density stays the requested one. From the geometry on the CPU (cached, no device sync)."""
     weights = None if head_weights is None else tuple(map(float, head_weights))
     return _head_needs(
-        seq_q, seq_k, causal, block_size, sparsity, sink_blocks, local_blocks, tail_blocks, heads, weights,
-        reserved_blocks,
+        seq_q, seq_k, causal, block_size, sparsity, sink_blocks, local_blocks, heads, weights, reserved_blocks,
     )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=256)
-def _head_needs(
-    seq_q, seq_k, causal, block_size, sparsity, sink_blocks, local_blocks, tail_blocks, heads, weights, reserved
-):
+def _head_needs(seq_q, seq_k, causal, block_size, sparsity, sink_blocks, local_blocks, heads, weights, reserved):
     visible, _ = visible_blocks(seq_q, seq_k, causal=causal, block_size=block_size)
-    free = int(_free_blocks(seq_q, seq_k, causal, block_size, sink_blocks, local_blocks, tail_blocks, "cpu").sum())
+    free = int(_free_blocks(seq_q, seq_k, causal, block_size, sink_blocks, local_blocks, "cpu").sum())
     budget = math.ceil((1.0 - sparsity) * int(visible.sum()) - 1e-6)
     need = max(0, min(budget - (int(visible.sum()) - free) - reserved, free))
     if weights is None:

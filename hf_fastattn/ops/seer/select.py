@@ -4,8 +4,7 @@ The same function as ``selection_from_mask(select_blocks(scores, ...), ...)`` (:
 bit for bit on finite scores, in one launch instead of some thirty small PyTorch ops, which at long context made the
 selection launch-bound. One program per (batch, mask head, query block) row:
 
-1. visibility, the full/partial split and the always-kept blocks (sink, local, and every visible block of the last
-   ``tail_blocks`` query blocks) from the geometry;
+1. visibility, the full/partial split and the always-kept blocks (sink and local) from the geometry;
 2. the rule: ``threshold`` keeps scores above it; ``topk``/``sparsity`` keep the row's budget of blocks, the
    always-kept first, then the best of the rest. The budget's cut value is found by bisection on the scores' sortable
    integer keys (32 halvings), and ties at the cut go to the lowest block index, like a stable descending sort.
@@ -52,7 +51,7 @@ def _write_list(INDEX, COUNT, row_offset, count_offset, selected, in_range, bloc
 def _select_kernel(
     SCORES, BUDGET, CUT, TIE_ROOM, FULL_COUNT, FULL_INDEX, PARTIAL_COUNT, PARTIAL_INDEX,
     stride_sb, stride_sh, stride_sm,
-    num_heads, num_query_blocks, num_key_blocks, seq_q, seq_k, threshold, sink_blocks, local_blocks, tail_blocks,
+    num_heads, num_query_blocks, num_key_blocks, seq_q, seq_k, threshold, sink_blocks, local_blocks,
     BLOCK: tl.constexpr,
     BLOCK_K: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -86,7 +85,7 @@ def _select_kernel(
     own = tl.minimum(tl.maximum(last_row + offset, 0) // BLOCK, num_key_blocks - 1)
     first_own = tl.maximum(first_row + offset, 0) // BLOCK
     local = ((blocks <= own) & (blocks > own - local_blocks)) | ((blocks >= first_own) & (blocks <= own))
-    forced = ((blocks < sink_blocks) | local | (m >= num_query_blocks - tail_blocks)) & visible
+    forced = ((blocks < sink_blocks) | local) & visible
 
     row = bh * num_query_blocks + m
     free = visible & ~forced
@@ -133,7 +132,6 @@ def select_block_lists(
     local_blocks: int = 1,
     allocation: str = "row",
     head_weights: tuple[float, ...] | None = None,
-    tail_blocks: int = 0,
     reserved_blocks: int = 0,
 ) -> BlockSelection:
     """:func:`~hf_fastattn.ops.seer.blocks.select_blocks` followed by ``selection_from_mask``, in one kernel.
@@ -153,7 +151,7 @@ def select_block_lists(
     head_cut = allocation == "head"
     cut = tie_room = budget = torch.empty(1, dtype=torch.int32, device=device)
     if head_cut:
-        kept = {"sink_blocks": sink_blocks, "local_blocks": local_blocks, "tail_blocks": tail_blocks}
+        kept = {"sink_blocks": sink_blocks, "local_blocks": local_blocks}
         needs = head_needs(seq_q, seq_k, causal=causal, block_size=block_size, sparsity=sparsity, **kept, heads=heads,
                            head_weights=head_weights, reserved_blocks=reserved_blocks)  # fmt: skip
         free = free_blocks(seq_q, seq_k, causal=causal, block_size=block_size, device=device, **kept)
@@ -170,7 +168,6 @@ def select_block_lists(
         scores, budget, cut, tie_room, full_count, full_index, partial_count, partial_index,
         scores.stride(0), scores.stride(1), scores.stride(2),
         heads, nq, nk, seq_q, seq_k, math.inf if threshold is None else float(threshold), sink_blocks, local_blocks,
-        tail_blocks,
         BLOCK=block_size, BLOCK_K=max(16, next_power_of_2(nk)), CAUSAL=bool(causal), USE_THRESHOLD=threshold is not None,
         HEAD_CUT=head_cut,
     )  # fmt: skip
