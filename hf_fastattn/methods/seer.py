@@ -26,7 +26,7 @@ Configuration (``patch(model, "seer", ...)``):
   kernels. In a causal LM the last row computes the first generated token (later tokens run the exact decode
   kernels anyway). Their work (``tail * S`` keys, in blocks of ``block_size``²) counts in the realised density and,
   with ``allocation="head"``/``budgets``, comes out of the shared budget, so the density stays the requested one. On
-  SmolLM2's needle grid at 50% with ``budgets`` it takes the gates from 0.284 to 0.511 (dense 0.455) for 0.2% of
+  SmolLM2's needle grid at 50% with ``budgets`` it takes the gates from 0.28 to 0.50-0.51 (dense 0.455) for 0.2% of
   perplexity at 80% (``benchmarks/results/seer_smollm2``). A prompt no longer than the tail runs dense. ``0`` turns
   it off; so does ``sparsity=0``, which computes every block anyway.
 * ``block_size`` (64) and ``gate_dim`` (128): fixed by trained gates.
