@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 
 import pytest
 import torch
 
 import hf_fastattn.dispatch
+from hf_fastattn.artifacts import CONFIG_NAME
 
 
 @pytest.fixture(autouse=True)
@@ -61,3 +63,11 @@ def greedy_generate_pair(model, reference, input_ids, attention_mask, *, new_tok
         actual = model.generate(**kwargs, past_key_values=DynamicCache(config=model.config))
         expected = reference.generate(**kwargs, past_key_values=DynamicCache(config=reference.config))
     return actual, expected
+
+
+def rewrite_artifact_config(directory, edit) -> None:
+    """Apply ``edit`` to an artifact's JSON config in place (to damage or age it)."""
+    path = directory / CONFIG_NAME
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))

@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 
 import pytest
 import torch
-from method_helpers import fresh_warnings, greedy_generate_pair, left_padded_prompt, warnings_of  # noqa: F401 (autouse fixture)
+from method_helpers import (  # noqa: F401 (autouse fixture)
+    fresh_warnings,
+    greedy_generate_pair,
+    left_padded_prompt,
+    rewrite_artifact_config,
+    warnings_of,
+)
 from method_helpers import model_pair as shared_model_pair
 from transformers import AutoModel, AutoModelForCausalLM, BertConfig, DynamicCache, LlamaConfig
 
@@ -25,7 +30,7 @@ import hf_fastattn
 import hf_fastattn.dispatch
 import hf_fastattn.ops.seer.attention as seer_attention
 from hf_fastattn import ArtifactError
-from hf_fastattn.artifacts import CONFIG_NAME, TENSORS_NAME
+from hf_fastattn.artifacts import TENSORS_NAME
 from hf_fastattn.methods import seer
 from hf_fastattn.ops.dense import dense_attention_reference
 from hf_fastattn.ops.seer import (
@@ -645,13 +650,6 @@ def test_gates_round_trip_through_load_state(gate_artifact):
     torch.testing.assert_close(output(other, ids, mask), output(model, ids, mask), atol=0, rtol=0)
 
 
-def _rewrite_config(directory, edit):
-    path = directory / CONFIG_NAME
-    config = json.loads(path.read_text())
-    edit(config)
-    path.write_text(json.dumps(config))
-
-
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -665,16 +663,16 @@ def _rewrite_config(directory, edit):
 def test_damaged_or_foreign_artifact_is_refused(gate_artifact, damage, message):
     _, directory = gate_artifact
     if damage == "version-2":
-        _rewrite_config(directory, lambda config: config["metadata"].update(seer_gate_version=2))
+        rewrite_artifact_config(directory, lambda config: config["metadata"].update(seer_gate_version=2))
     elif damage == "version-missing":
-        _rewrite_config(directory, lambda config: config["metadata"].clear())
+        rewrite_artifact_config(directory, lambda config: config["metadata"].clear())
     elif damage == "corrupt-tensors":
         data = (directory / TENSORS_NAME).read_bytes()
         (directory / TENSORS_NAME).write_bytes(data[: len(data) // 2])
     elif damage == "missing-tensors":
         (directory / TENSORS_NAME).unlink()
     else:
-        _rewrite_config(directory, lambda config: [layer.update(method="dense") for layer in config["layers"]])
+        rewrite_artifact_config(directory, lambda config: [layer.update(method="dense") for layer in config["layers"]])
     _, other = model_pair()
     hf_fastattn.patch(other, "dense")
     with pytest.raises(ArtifactError, match=message):

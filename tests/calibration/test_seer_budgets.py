@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 
 import pytest
 import torch
+from method_helpers import rewrite_artifact_config
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hf_fastattn
 from hf_fastattn import ArtifactError, SeerBudgets, calibrate_seer_budgets
-from hf_fastattn.artifacts import CONFIG_NAME
 from hf_fastattn.methods import seer
 from hf_fastattn.ops.seer import selection_mask
 
@@ -178,7 +177,7 @@ def test_mismatches_are_refused(calibrated, tmp_path):
     ):
         hf_fastattn.patch(model, "seer", budgets=directory, block_size=BLOCK, local_blocks=2)
     # An earlier version's artifact, calibrated with dense last query blocks, is refused by name.
-    _rewrite_metadata(directory, tail_blocks=1)
+    rewrite_artifact_config(directory, lambda config: config["metadata"].update(tail_blocks=1))
     with pytest.raises(ArtifactError, match=r"calibrated with tail_blocks=1, a selection this version no longer has"):
         hf_fastattn.patch(model, "seer", budgets=directory, **GEOMETRY)
     directory = budgets.save(tmp_path / "budgets")
@@ -219,10 +218,3 @@ def test_budgets_with_another_rule_are_refused(calibrated, config, message):
 def test_calibrate_argument_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         calibrate_seer_budgets(tiny_llama(), IDS, samples=1, **{"sequence_length": SEQ, **GEOMETRY, **kwargs})
-
-
-def _rewrite_metadata(directory, **changes) -> None:
-    path = directory / CONFIG_NAME
-    config = json.loads(path.read_text())
-    config["metadata"].update(changes)
-    path.write_text(json.dumps(config))

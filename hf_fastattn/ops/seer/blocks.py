@@ -217,7 +217,7 @@ def select_blocks(
         position = torch.empty_like(order).scatter_(
             -1, order, torch.arange(order.shape[-1], device=device).expand_as(order)
         )
-        taken = position < torch.tensor(needs, device=device)[:, None]
+        taken = position < device_needs(needs, str(device))[:, None]
         return (taken.view(scores.shape) & visible) | forced
     ranked = scores.float().masked_fill(~visible, float("-inf")).masked_fill(forced, float("inf"))
     budget = row_budgets(
@@ -253,6 +253,12 @@ def _head_needs(seq_q, seq_k, causal, block_size, sparsity, sink_blocks, local_b
     if weights is None:
         return (need,) * heads
     return tuple(min(free, math.floor(weight * need + 0.5)) for weight in weights)
+
+
+@functools.lru_cache(maxsize=256)
+def device_needs(needs: tuple[int, ...], device: str) -> torch.Tensor:
+    """:func:`head_needs` as a cached int32 device tensor (read-only): one copy per geometry, not one per call."""
+    return torch.tensor(needs, dtype=torch.int32, device=device)
 
 
 def selection_from_mask(

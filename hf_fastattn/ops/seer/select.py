@@ -30,6 +30,7 @@ from .blocks import (
     BlockSelection,
     check_head_weights,
     check_selection_rule,
+    device_needs,
     free_blocks,
     head_needs,
     num_blocks,
@@ -191,7 +192,7 @@ def _head_cuts(scores: torch.Tensor, free: torch.Tensor, needs: tuple[int, ...])
         cut = flat.topk(max(needs), dim=-1, sorted=False).values.amin(-1)
     above = (ranked > cut[..., None, None]).sum((-2, -1), dtype=torch.int32)
     ties = ((ranked == cut[..., None, None]) & free).sum(-1, dtype=torch.int32)
-    tie_room = (_device_needs(needs, str(scores.device)) - above)[..., None] - (
+    tie_room = (device_needs(needs, str(scores.device)) - above)[..., None] - (
         ties.cumsum(-1, dtype=torch.int32) - ties
     )
     return cut.contiguous(), tie_room.clamp(min=0).contiguous()
@@ -206,9 +207,3 @@ def _cut_padding(needs: tuple[int, ...], device: str) -> torch.Tensor:
         float("inf"),
         float("-inf"),
     )
-
-
-@functools.lru_cache(maxsize=256)
-def _device_needs(needs: tuple[int, ...], device: str) -> torch.Tensor:
-    """Per-head needs as a cached int32 device tensor (read-only): one copy per geometry, not one per call."""
-    return torch.tensor(needs, dtype=torch.int32, device=device)
