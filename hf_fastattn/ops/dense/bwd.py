@@ -1,8 +1,16 @@
-"""FlashAttention-2 style backward: ``delta`` preprocessing, then dK/dV and dQ in two kernels (no atomics).
+"""FlashAttention-2 style backward: ``delta`` preprocessing, then the gradients in one of two ways.
 
 dK/dV programs own one key tile of one KV head and loop over every query head of its GQA group, so repeated K/V is
-never materialised and no two programs write the same gradient. The masking rules are the forward's (bottom-right
-causal, key padding, sequence ends); rows with ``lse = -inf`` (nothing visible) contribute nothing.
+never materialised and no two programs write the same dK/dV. dQ then comes either
+
+* from the same pass (``ACCUMULATE_DQ``, the default): each (key tile, query tile) pair adds ``dS K`` to an fp32
+  dQ accumulator with atomic adds, FlashAttention-2's algorithm: 5 matrix products per pair. The order of the adds
+  varies from run to run, so dQ is not bitwise repeatable; or
+* from a second kernel (``_dense_bwd_dq_kernel``) that recomputes S and dP per query tile: 7 products per pair, no
+  atomics, bitwise repeatable; used when ``torch.use_deterministic_algorithms(True)`` is on.
+
+The masking rules are the forward's (bottom-right causal, key padding, sequence ends); rows with ``lse = -inf``
+(nothing visible) contribute nothing.
 """
 
 from __future__ import annotations
@@ -42,13 +50,35 @@ def _load_row_stats(LSE, Delta, row_base, rows, seq_q):
 
 
 @triton.jit
+def dq_accumulator(DQAcc, rows_total, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """What the dQ atomic adds go to: the ``(rows_total, BLOCK_D)`` fp32 accumulator, through a TMA descriptor (its
+    adds are bulk reductions done by the copy engine and L2) with ``USE_TMA``, else as a pointer."""
+    if USE_TMA:
+        return tl.make_tensor_descriptor(DQAcc, shape=[rows_total, BLOCK_D], strides=[BLOCK_D, 1],
+                                         block_shape=[BLOCK_M, BLOCK_D])  # fmt: skip
+    else:
+        return DQAcc
+
+
+@triton.jit
+def add_dq_tile(dq_sink, first_row, dq_part, offs_m, offs_d, BLOCK_D: tl.constexpr):
+    """Add a ``(BLOCK_M, BLOCK_D)`` dQ contribution to accumulator rows ``first_row + offs_m``. Every row and column
+    exists (the accumulator is padded to whole tiles), so no mask."""
+    if isinstance(dq_sink, tl.tensor_descriptor):
+        dq_sink.atomic_add([first_row.to(tl.int32), 0], dq_part)
+    else:
+        tl.atomic_add(dq_sink + (first_row + offs_m)[:, None] * BLOCK_D + offs_d[None, :], dq_part, sem="relaxed")
+
+
+@triton.jit
 def attn_bwd_dkdv_tile(
     dk, dv, k, v, key_keep, cols,
     q_base, do_base, LSE, Delta, row_base, start_m, offs_m, offs_d,
-    stride_qm, stride_dom, seq_q, causal_offset, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_CAUSAL: tl.constexpr,
+    stride_qm, stride_dom, seq_q, causal_offset, qk_scale, dq_sink, dq_row_base,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_CAUSAL: tl.constexpr, ACCUMULATE_DQ: tl.constexpr,
 ):  # fmt: skip
-    """Accumulate one query tile's contribution to the dK/dV of a key tile (scores handled transposed: keys x rows)."""
+    """Accumulate one query tile's contribution to the dK/dV of a key tile (scores handled transposed: keys x rows),
+    and with ``ACCUMULATE_DQ`` add its dQ contribution (unscaled) to the accumulator rows from ``dq_row_base``."""
     rows = start_m + offs_m
     load_mask = (rows[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=load_mask, other=0.0)
@@ -63,14 +93,16 @@ def attn_bwd_dkdv_tile(
     p_t = tl.where(keep, p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do)
     dp_t = tl.dot(v, tl.trans(do))
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+    dk += tl.dot(ds_t, q)
+    if ACCUMULATE_DQ:
+        add_dq_tile(dq_sink, dq_row_base + start_m, tl.dot(tl.trans(ds_t), k), offs_m, offs_d, BLOCK_D)
     return dk, dv
 
 
 @triton.jit
 def _dense_bwd_dkdv_kernel(
-    Q, K, V, KPAD, dOut, LSE, Delta, dK, dV,
+    Q, K, V, KPAD, dOut, LSE, Delta, dK, dV, DQAcc,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -78,11 +110,13 @@ def _dense_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_kpad_b,
-    num_q_heads, num_kv_heads, group_size, seq_q, seq_k, scale,
-    seq_k_bucket,  # autotune key only
+    num_q_heads, num_kv_heads, group_size, seq_q, seq_k, scale, seq_q_padded,
+    seq_k_bucket, tma_ok,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, ACCUMULATE_DQ: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
+    """dK/dV of one key tile of one KV head; with ``ACCUMULATE_DQ`` also the dQ contributions, added to ``DQAcc``
+    (``(B, H_q, seq_q_padded, BLOCK_D)`` fp32, zero-initialised; through TMA with ``USE_TMA``)."""
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     batch = bh // num_kv_heads
@@ -110,6 +144,7 @@ def _dense_bwd_dkdv_kernel(
         q_lo = 0
         q_full = 0
 
+    dq_sink = dq_accumulator(DQAcc, tl.num_programs(1) * group_size * seq_q_padded, BLOCK_M, BLOCK_D, USE_TMA)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(group_size):
@@ -117,15 +152,18 @@ def _dense_bwd_dkdv_kernel(
         q_base = Q + batch * stride_qb + q_head * stride_qh
         do_base = dOut + batch * stride_dob + q_head * stride_doh
         row_base = (batch * num_q_heads + q_head) * seq_q
+        dq_row_base = (batch * num_q_heads + q_head).to(tl.int64) * seq_q_padded
         for start_m in tl.range(q_lo, q_full, BLOCK_M):
             dk, dv = attn_bwd_dkdv_tile(
                 dk, dv, k, v, key_keep, cols, q_base, do_base, LSE, Delta, row_base, start_m, offs_m, offs_d,
-                stride_qm, stride_dom, seq_q, causal_offset, qk_scale, HEAD_DIM, BLOCK_D, True,
+                stride_qm, stride_dom, seq_q, causal_offset, qk_scale, dq_sink, dq_row_base,
+                HEAD_DIM, BLOCK_D, True, ACCUMULATE_DQ,
             )  # fmt: skip
         for start_m in tl.range(q_full, seq_q, BLOCK_M):
             dk, dv = attn_bwd_dkdv_tile(
                 dk, dv, k, v, key_keep, cols, q_base, do_base, LSE, Delta, row_base, start_m, offs_m, offs_d,
-                stride_qm, stride_dom, seq_q, causal_offset, qk_scale, HEAD_DIM, BLOCK_D, False,
+                stride_qm, stride_dom, seq_q, causal_offset, qk_scale, dq_sink, dq_row_base,
+                HEAD_DIM, BLOCK_D, False, ACCUMULATE_DQ,
             )  # fmt: skip
 
     dk = dk * scale
