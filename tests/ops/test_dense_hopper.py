@@ -84,17 +84,24 @@ def test_fast_exp_rejects_unknown_setting():
 @pytest.mark.parametrize("head_dim", [40, 64])
 @pytest.mark.parametrize("causal,pad", [(True, "left"), (False, "holes"), (True, "full")])
 def test_tma_path_equals_pointer_path(monkeypatch, head_dim, causal, pad):
-    """Same tiles, same arithmetic: descriptor loads (zero-filled past the sequence and head dim) change nothing."""
-    q, k, v, _ = make_qkv(2, 4, 2, 33, 50, head_dim, torch.bfloat16, seed=3)
+    """Same tiles, same arithmetic: descriptor loads (zero-filled past the sequence and head dim) change nothing, in
+    the forward and in the backward (Q and dO tiles read through descriptors)."""
+    q, k, v, dout = make_qkv(2, 4, 2, 33, 50, head_dim, torch.bfloat16, seed=3)
     kw = {"causal": causal, "key_padding": make_key_padding(pad, 2, 50)}
-    monkeypatch.setenv("HF_FASTATTN_TMA", "0")
-    pointer_out, pointer_lse = dense_attention(q, k, v, return_lse=True, **kw)
-    monkeypatch.setenv("HF_FASTATTN_TMA", "1")
-    tma_out, tma_lse = dense_attention(q, k, v, return_lse=True, **kw)
-    if HAS_CUDA:  # on a GPU the autotuner may pick another tile per path: compare within rounding instead
-        assert max_err(tma_out, pointer_out) <= 2e-2
-    else:
-        assert torch.equal(tma_out, pointer_out) and torch.equal(tma_lse, pointer_lse)
+
+    def run(tma: str):
+        monkeypatch.setenv("HF_FASTATTN_TMA", tma)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = dense_attention(*leaves, return_lse=True, **kw)
+        out.backward(dout)
+        return [out.detach(), lse, *(t.grad for t in leaves)]
+
+    pointer, tma = run("0"), run("1")
+    for name, got, expected in zip(["out", "lse", "dq", "dk", "dv"], tma, pointer):
+        if HAS_CUDA:  # on a GPU the autotuner may pick another tile per path: compare within rounding instead
+            assert max_err(got, expected) <= 2e-2, name
+        else:
+            assert torch.equal(got, expected), name
 
 
 def test_tma_skipped_for_misaligned_views(monkeypatch):

@@ -38,7 +38,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..dense.fwd import attn_fwd_finish, attn_fwd_tile_ranges, kv_tile_source
+from ..dense.fwd import attn_fwd_finish, attn_fwd_tile_ranges, row_tile_source
 
 
 @triton.jit
@@ -100,10 +100,10 @@ def segment_partial(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    k_src = kv_tile_source(K + batch * stride_kb + kv_head * stride_kh, seq_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D,
-                           USE_TMA)  # fmt: skip
-    v_src = kv_tile_source(V + batch * stride_vb + kv_head * stride_vh, seq_k, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D,
-                           USE_TMA)  # fmt: skip
+    k_src = row_tile_source(K + batch * stride_kb + kv_head * stride_kh, seq_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D,
+                            USE_TMA)  # fmt: skip
+    v_src = row_tile_source(V + batch * stride_vb + kv_head * stride_vh, seq_k, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D,
+                            USE_TMA)  # fmt: skip
     acc, m_i, l_i = attn_fwd_tile_ranges(
         acc, m_i, l_i, q, k_src, v_src,
         KPAD + batch * stride_kpad_b, lo, unmasked_hi, hi, positions, tl.arange(0, BLOCK_N), offs_d,

@@ -31,12 +31,12 @@ if interpreter_enabled():
 # Tiles as (BLOCK_M, BLOCK_N, num_warps, num_stages): the measured H100 winners (bf16, d64/d128, N 1k-32k) plus
 # smaller ones for short sequences and head dim 256. The first is the default when autotuning is off.
 _FWD_TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)]
-_DKDV_TILES = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2), (64, 128, 8, 2), (128, 128, 8, 2)]
-# Tiles of the single-pass backward (dK/dV plus atomic dQ), 5th element: dQ adds through TMA.
-_FUSED_BWD_TILES = [
-    (*tile, dq_tma)
-    for dq_tma in (False, True)
-    for tile in [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 2), (64, 64, 4, 3), (128, 128, 8, 2), (32, 64, 4, 2)]
+# dK/dV (and single-pass dQ) kernel tiles, 5th element: Q and dO read through TMA (where ``tma_ok``); the first is
+# the H100's usual winner at d64/d128.
+_DKDV_TILES = [
+    (*tile, use_tma)
+    for use_tma in (True, False)
+    for tile in [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 3), (128, 128, 8, 2), (32, 64, 4, 2)]
 ]
 _DQ_TILES = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (128, 128, 8, 2), (128, 64, 8, 2)]
 # The forward also tries each tile with K/V read through TMA descriptors (5th element: USE_TMA) where the GPU and the
@@ -44,7 +44,7 @@ _DQ_TILES = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (
 _FWD_TMA_TILES = [
     (*tile, use_tma) for use_tma in (False, True) for tile in [*_FWD_TILES, (128, 128, 8, 2), (128, 64, 8, 4)]
 ]
-_MAX_BWD_BLOCK_M = max(t[0] for t in _FUSED_BWD_TILES)
+_MAX_BWD_BLOCK_M = max(t[0] for t in _DKDV_TILES)
 _LARGE_HEAD_DIM_MAX_TILE = 64 * 64  # BLOCK_M * BLOCK_N that still fits shared memory at head dim 256
 _AUTOTUNE_KEY = ["seq_k_bucket", "HEAD_DIM", "CAUSAL", "HAS_KEY_PADDING"]
 _FWD_AUTOTUNE_KEY = [*_AUTOTUNE_KEY, "tma_ok", "FAST_EXP"]
@@ -81,9 +81,9 @@ def _autotuned(kernel, tiles, key=_AUTOTUNE_KEY, reset_to_zero=None):
 
 
 _fwd_tuned = _autotuned(_dense_fwd_kernel, _FWD_TMA_TILES, _FWD_AUTOTUNE_KEY)
-_dkdv_tuned = _autotuned(_dense_bwd_dkdv_kernel, _DKDV_TILES)
+_dkdv_tuned = _autotuned(_dense_bwd_dkdv_kernel, _DKDV_TILES, [*_AUTOTUNE_KEY, "tma_ok"])
 # Benchmarking a config adds into the dQ accumulator: it is zeroed before each trial.
-_fused_bwd_tuned = _autotuned(_dense_bwd_dkdv_kernel, _FUSED_BWD_TILES, [*_AUTOTUNE_KEY, "tma_ok"], ["DQAcc"])
+_fused_bwd_tuned = _autotuned(_dense_bwd_dkdv_kernel, _DKDV_TILES, [*_AUTOTUNE_KEY, "tma_ok"], ["DQAcc"])
 _dq_tuned = _autotuned(_dense_bwd_dq_kernel, _DQ_TILES)
 
 
@@ -179,12 +179,13 @@ def dense_bwd(dout, q, k, v, out, lse, key_padding, causal: bool, scale: float, 
         # Padded to whole tiles of the largest BLOCK_M, so the kernel's atomic adds need no masks.
         seq_q_padded = triton.cdiv(seq_q, _MAX_BWD_BLOCK_M) * _MAX_BWD_BLOCK_M
         dq_acc = q.new_zeros(batch, num_q_heads, seq_q_padded, block_d, dtype=torch.float32)
-        # The interpreter has no TMA reductions.
-        dq_tma_ok = tma_usable(dq_acc) and not interpreter_enabled()
-        if dq_tma_ok:
-            ensure_triton_allocator()
     else:
-        seq_q_padded, dq_acc, dq_tma_ok = seq_q, dk, False
+        seq_q_padded, dq_acc = seq_q, dk
+    tma_ok = tma_usable(q, dout, dq_acc)
+    if tma_ok:
+        ensure_triton_allocator()
+    # The interpreter has no TMA reductions: its dQ adds are pointer atomics.
+    dq_tma = tma_ok and not deterministic and not interpreter_enabled()
     kernel_args = (
         q, k, v, kpad, dout, lse, delta, dk, dv, dq_acc,
         q.stride(0), q.stride(1), q.stride(2),
@@ -195,19 +196,19 @@ def dense_bwd(dout, q, k, v, out, lse, key_padding, causal: bool, scale: float, 
         dv.stride(0), dv.stride(1), dv.stride(2),
         stride_kpad,
         num_q_heads, num_kv_heads, num_q_heads // num_kv_heads, seq_q, seq_k, scale, seq_q_padded,
-        seq_k_bucket, int(dq_tma_ok),
+        seq_k_bucket, int(tma_ok),
     )  # fmt: skip
 
     def dkdv_grid(m):
         return (triton.cdiv(seq_k, m["BLOCK_N"]), batch * num_kv_heads)
 
     if not deterministic:
-        _launch(_dense_bwd_dkdv_kernel, _fused_bwd_tuned, _FUSED_BWD_TILES, dkdv_grid, *kernel_args,
-                tma_ok=dq_tma_ok, **meta, ACCUMULATE_DQ=True)  # fmt: skip
+        _launch(_dense_bwd_dkdv_kernel, _fused_bwd_tuned, _DKDV_TILES, dkdv_grid, *kernel_args, tma_ok=tma_ok, **meta,
+                ACCUMULATE_DQ=True, DQ_TMA=dq_tma)  # fmt: skip
         return (dq_acc[..., :seq_q, :head_dim] * scale).to(q.dtype), dk, dv
 
-    _launch(_dense_bwd_dkdv_kernel, _dkdv_tuned, _DKDV_TILES, dkdv_grid, *kernel_args, **meta, ACCUMULATE_DQ=False,
-            USE_TMA=False)  # fmt: skip
+    _launch(_dense_bwd_dkdv_kernel, _dkdv_tuned, _DKDV_TILES, dkdv_grid, *kernel_args, tma_ok=tma_ok, **meta,
+            ACCUMULATE_DQ=False, DQ_TMA=False)  # fmt: skip
     dq = torch.empty_like(q)
     _launch(
         _dense_bwd_dq_kernel, _dq_tuned, _DQ_TILES, lambda m: (triton.cdiv(seq_q, m["BLOCK_M"]), batch * num_q_heads),

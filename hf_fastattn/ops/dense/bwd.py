@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .fwd import attn_fwd_key_range
+from .fwd import attn_fwd_key_range, load_row_tile, row_tile_source
 
 
 @triton.jit
@@ -50,10 +50,10 @@ def _load_row_stats(LSE, Delta, row_base, rows, seq_q):
 
 
 @triton.jit
-def dq_accumulator(DQAcc, rows_total, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
+def dq_accumulator(DQAcc, rows_total, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DQ_TMA: tl.constexpr):
     """What the dQ atomic adds go to: the ``(rows_total, BLOCK_D)`` fp32 accumulator, through a TMA descriptor (its
-    adds are bulk reductions done by the copy engine and L2) with ``USE_TMA``, else as a pointer."""
-    if USE_TMA:
+    adds are bulk reductions done by the copy engine and L2) with ``DQ_TMA``, else as a pointer."""
+    if DQ_TMA:
         return tl.make_tensor_descriptor(DQAcc, shape=[rows_total, BLOCK_D], strides=[BLOCK_D, 1],
                                          block_shape=[BLOCK_M, BLOCK_D])  # fmt: skip
     else:
@@ -73,16 +73,16 @@ def add_dq_tile(dq_sink, first_row, dq_part, offs_m, offs_d, BLOCK_D: tl.constex
 @triton.jit
 def attn_bwd_dkdv_tile(
     dk, dv, k, v, key_keep, cols,
-    q_base, do_base, LSE, Delta, row_base, start_m, offs_m, offs_d,
+    q_src, do_src, LSE, Delta, row_base, start_m, offs_m, offs_d,
     stride_qm, stride_dom, seq_q, causal_offset, qk_scale, dq_sink, dq_row_base,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_CAUSAL: tl.constexpr, ACCUMULATE_DQ: tl.constexpr,
 ):  # fmt: skip
     """Accumulate one query tile's contribution to the dK/dV of a key tile (scores handled transposed: keys x rows),
-    and with ``ACCUMULATE_DQ`` add its dQ contribution (unscaled) to the accumulator rows from ``dq_row_base``."""
+    and with ``ACCUMULATE_DQ`` add its dQ contribution (unscaled) to the accumulator rows from ``dq_row_base``.
+    Q and dO are read through tile sources (:func:`~.fwd.row_tile_source`)."""
     rows = start_m + offs_m
-    load_mask = (rows[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=load_mask, other=0.0)
-    do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :], mask=load_mask, other=0.0)
+    q = load_row_tile(q_src, start_m, rows, offs_d, stride_qm, seq_q, HEAD_DIM, BLOCK_D, True)
+    do = load_row_tile(do_src, start_m, rows, offs_d, stride_dom, seq_q, HEAD_DIM, BLOCK_D, True)
     lse, delta = _load_row_stats(LSE, Delta, row_base, rows, seq_q)
 
     s_t = tl.dot(k, tl.trans(q))
@@ -114,9 +114,12 @@ def _dense_bwd_dkdv_kernel(
     seq_k_bucket, tma_ok,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, ACCUMULATE_DQ: tl.constexpr, USE_TMA: tl.constexpr,
+    DQ_TMA: tl.constexpr,
 ):  # fmt: skip
     """dK/dV of one key tile of one KV head; with ``ACCUMULATE_DQ`` also the dQ contributions, added to ``DQAcc``
-    (``(B, H_q, seq_q_padded, BLOCK_D)`` fp32, zero-initialised; through TMA with ``USE_TMA``)."""
+    (``(B, H_q, seq_q_padded, BLOCK_D)`` fp32, zero-initialised), through a TMA descriptor with ``DQ_TMA``. With
+    ``USE_TMA`` the Q and dO tiles are read through TMA descriptors: as plain loads, Triton 3.6 does not pipeline
+    them (each feeds two products), and every query tile waited for them."""
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     batch = bh // num_kv_heads
@@ -144,24 +147,26 @@ def _dense_bwd_dkdv_kernel(
         q_lo = 0
         q_full = 0
 
-    dq_sink = dq_accumulator(DQAcc, tl.num_programs(1) * group_size * seq_q_padded, BLOCK_M, BLOCK_D, USE_TMA)
+    dq_sink = dq_accumulator(DQAcc, tl.num_programs(1) * group_size * seq_q_padded, BLOCK_M, BLOCK_D, DQ_TMA)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(group_size):
         q_head = kv_head * group_size + g
-        q_base = Q + batch * stride_qb + q_head * stride_qh
-        do_base = dOut + batch * stride_dob + q_head * stride_doh
+        q_src = row_tile_source(Q + batch * stride_qb + q_head * stride_qh, seq_q, stride_qm, HEAD_DIM, BLOCK_M,
+                                BLOCK_D, USE_TMA)  # fmt: skip
+        do_src = row_tile_source(dOut + batch * stride_dob + q_head * stride_doh, seq_q, stride_dom, HEAD_DIM,
+                                 BLOCK_M, BLOCK_D, USE_TMA)  # fmt: skip
         row_base = (batch * num_q_heads + q_head) * seq_q
         dq_row_base = (batch * num_q_heads + q_head).to(tl.int64) * seq_q_padded
         for start_m in tl.range(q_lo, q_full, BLOCK_M):
             dk, dv = attn_bwd_dkdv_tile(
-                dk, dv, k, v, key_keep, cols, q_base, do_base, LSE, Delta, row_base, start_m, offs_m, offs_d,
+                dk, dv, k, v, key_keep, cols, q_src, do_src, LSE, Delta, row_base, start_m, offs_m, offs_d,
                 stride_qm, stride_dom, seq_q, causal_offset, qk_scale, dq_sink, dq_row_base,
                 HEAD_DIM, BLOCK_D, True, ACCUMULATE_DQ,
             )  # fmt: skip
         for start_m in tl.range(q_full, seq_q, BLOCK_M):
             dk, dv = attn_bwd_dkdv_tile(
-                dk, dv, k, v, key_keep, cols, q_base, do_base, LSE, Delta, row_base, start_m, offs_m, offs_d,
+                dk, dv, k, v, key_keep, cols, q_src, do_src, LSE, Delta, row_base, start_m, offs_m, offs_d,
                 stride_qm, stride_dom, seq_q, causal_offset, qk_scale, dq_sink, dq_row_base,
                 HEAD_DIM, BLOCK_D, False, ACCUMULATE_DQ,
             )  # fmt: skip

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .._runtime import ensure_triton_allocator, interpreter_enabled, next_power_of_2, tma_usable
 from .attention import check_attention_inputs, empty_hf_output, key_padding_arg, unit_last_stride
-from .fwd import LOG2E, attn_fwd_finish, attn_fwd_key_range, attn_fwd_scores, attn_fwd_update, kv_tile_source
+from .fwd import LOG2E, attn_fwd_finish, attn_fwd_key_range, attn_fwd_scores, attn_fwd_update, row_tile_source
 from .naive import fp8_scale, hadamard_matrix
 
 logger = logging.getLogger("hf_fastattn")
@@ -197,8 +197,8 @@ def _dense_fwd_fp8_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q_src = kv_tile_source(Q8 + bh * seq_q * HEAD_DIM, seq_q, HEAD_DIM, HEAD_DIM, BLOCK_M, BLOCK_D, True)
-    k_src = kv_tile_source(K8 + kv_bh * seq_k * HEAD_DIM, seq_k, HEAD_DIM, HEAD_DIM, BLOCK_N, BLOCK_D, True)
+    q_src = row_tile_source(Q8 + bh * seq_q * HEAD_DIM, seq_q, HEAD_DIM, HEAD_DIM, BLOCK_M, BLOCK_D, True)
+    k_src = row_tile_source(K8 + kv_bh * seq_k * HEAD_DIM, seq_k, HEAD_DIM, HEAD_DIM, BLOCK_N, BLOCK_D, True)
     v_src = tl.make_tensor_descriptor(
         Vt8 + kv_bh * HEAD_DIM * seq_k_padded, shape=[HEAD_DIM, seq_k], strides=[seq_k_padded, 1],
         block_shape=[BLOCK_D, BLOCK_N],
@@ -226,8 +226,8 @@ def _dense_fwd_fp8_kernel(
     out, lse = attn_fwd_finish(acc, m_i, l_i)
     out = out * tl.load(VScale + kv_bh * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)[None, :]
     lse = lse - _P_GAIN_LOG2 * 0.6931471805599453  # undo P's gain
-    o_desc = kv_tile_source(Out + batch * stride_ob + q_head * stride_oh, seq_q, stride_om, HEAD_DIM, BLOCK_M, BLOCK_D,
-                            True)  # fmt: skip
+    o_desc = row_tile_source(Out + batch * stride_ob + q_head * stride_oh, seq_q, stride_om, HEAD_DIM, BLOCK_M, BLOCK_D,
+                             True)  # fmt: skip
     o_desc.store([start_m, 0], out.to(Out.dtype.element_ty))
     tl.store(LSE + bh * seq_q + offs_m, lse, mask=offs_m < seq_q)
 

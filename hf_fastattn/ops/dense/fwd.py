@@ -14,7 +14,7 @@ The work for one query tile is split into three reusable pieces:
 * :func:`attn_fwd_finish` normalises the accumulator and returns the log-sum-exp.
 
 K and V are read through a *tile source*: the head's base pointer, or a TMA tensor descriptor over the head's
-``(S_kv, D)`` rows (:func:`kv_tile_source`, Hopper and newer), so every kernel on the skeleton gets the TMA path by
+``(S_kv, D)`` rows (:func:`row_tile_source`, Hopper and newer), so every kernel on the skeleton gets the TMA path by
 building its sources with ``USE_TMA``. ``FAST_EXP`` moves part of the softmax exponentials from the MUFU unit to the FMA
 units (:func:`exp2_fma`).
 
@@ -76,10 +76,11 @@ def softmax_exp2(x, FAST_EXP: tl.constexpr):
 
 
 @triton.jit
-def kv_tile_source(base, seq_k, stride_n, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   USE_TMA: tl.constexpr):  # fmt: skip
-    """What the tile functions read one head's K or V through: with ``USE_TMA`` (Hopper and newer) a TMA descriptor
-    over its ``(seq_k, HEAD_DIM)`` rows, which zero-fills out-of-range rows and columns; else the base pointer."""
+def row_tile_source(base, seq_k, stride_n, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    USE_TMA: tl.constexpr):  # fmt: skip
+    """What the tile functions read one head's K or V (or, in the backward, Q or dO) through: with ``USE_TMA``
+    (Hopper and newer) a TMA descriptor over its ``(seq_k, HEAD_DIM)`` rows, which zero-fills out-of-range rows and
+    columns; else the base pointer."""
     if USE_TMA:
         return tl.make_tensor_descriptor(
             base, shape=[seq_k, HEAD_DIM], strides=[stride_n, 1], block_shape=[BLOCK_N, BLOCK_D]
@@ -89,8 +90,8 @@ def kv_tile_source(base, seq_k, stride_n, HEAD_DIM: tl.constexpr, BLOCK_N: tl.co
 
 
 @triton.jit
-def load_kv_tile(source, start_n, cols, offs_d, stride_n, seq_k, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 MASK_SEQ_END: tl.constexpr):  # fmt: skip
+def load_row_tile(source, start_n, cols, offs_d, stride_n, seq_k, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  MASK_SEQ_END: tl.constexpr):  # fmt: skip
     """The ``(BLOCK_N, BLOCK_D)`` tile of rows ``cols = start_n + arange(BLOCK_N)`` from a tile source, zeros outside."""
     if isinstance(source, tl.tensor_descriptor):
         return source.load([start_n, 0])
@@ -125,9 +126,9 @@ def attn_fwd_scores(
     HAS_KEY_PADDING: tl.constexpr,
 ):
     """Raw scores ``Q K^T`` of key tile ``[start_n, start_n + BLOCK_N)`` (fp32, unscaled), invisible keys at ``-inf``.
-    ``k_base`` is a tile source (:func:`kv_tile_source`)."""
+    ``k_base`` is a tile source (:func:`row_tile_source`)."""
     cols = start_n + offs_n
-    k = tl.trans(load_kv_tile(k_base, start_n, cols, offs_d, stride_kn, seq_k, HEAD_DIM, BLOCK_D, MASK_SEQ_END))
+    k = tl.trans(load_row_tile(k_base, start_n, cols, offs_d, stride_kn, seq_k, HEAD_DIM, BLOCK_D, MASK_SEQ_END))
     s = tl.dot(q, k)
     if MASK_CAUSAL or MASK_SEQ_END or HAS_KEY_PADDING:
         keep = cols[None, :] < seq_k
@@ -183,7 +184,7 @@ def attn_fwd_update(
     if V_TRANSPOSED:
         v = tl.trans(v_base.load([0, start_n]))
     else:
-        v = load_kv_tile(v_base, start_n, start_n + offs_n, offs_d, stride_vn, seq_k, HEAD_DIM, BLOCK_D, MASK_SEQ_END)
+        v = load_row_tile(v_base, start_n, start_n + offs_n, offs_d, stride_vn, seq_k, HEAD_DIM, BLOCK_D, MASK_SEQ_END)
     acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, m_new, l_i
 
@@ -360,10 +361,10 @@ def _dense_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q_base = Q + batch * stride_qb + q_head * stride_qh
-    k_src = kv_tile_source(K + batch * stride_kb + kv_head * stride_kh, seq_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D,
-                           USE_TMA)  # fmt: skip
-    v_src = kv_tile_source(V + batch * stride_vb + kv_head * stride_vh, seq_k, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D,
-                           USE_TMA)  # fmt: skip
+    k_src = row_tile_source(K + batch * stride_kb + kv_head * stride_kh, seq_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D,
+                            USE_TMA)  # fmt: skip
+    v_src = row_tile_source(V + batch * stride_vb + kv_head * stride_vh, seq_k, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D,
+                            USE_TMA)  # fmt: skip
     kpad_base = KPAD + batch * stride_kpad_b
 
     row_mask = offs_m < seq_q
@@ -371,8 +372,8 @@ def _dense_fwd_kernel(
         q_mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
     else:
         q_mask = row_mask[:, None]
-    q_src = kv_tile_source(q_base, seq_q, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
-    q = load_kv_tile(q_src, start_m, offs_m, offs_d, stride_qm, seq_q, HEAD_DIM, BLOCK_D, True)
+    q_src = row_tile_source(q_base, seq_q, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
+    q = load_row_tile(q_src, start_m, offs_m, offs_d, stride_qm, seq_q, HEAD_DIM, BLOCK_D, True)
 
     qk_scale = scale * 1.4426950408889634
     causal_offset = seq_k - seq_q
@@ -390,7 +391,7 @@ def _dense_fwd_kernel(
     out, lse = attn_fwd_finish(acc, m_i, l_i)
     o_base = Out + batch * stride_ob + q_head * stride_oh
     if USE_TMA:
-        o_desc = kv_tile_source(o_base, seq_q, stride_om, HEAD_DIM, BLOCK_M, BLOCK_D, True)
+        o_desc = row_tile_source(o_base, seq_q, stride_om, HEAD_DIM, BLOCK_M, BLOCK_D, True)
         o_desc.store([start_m, 0], out.to(Out.dtype.element_ty))  # TMA drops rows and columns out of range
     else:
         tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty), mask=q_mask)
