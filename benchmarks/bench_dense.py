@@ -114,24 +114,6 @@ def make_fastattn_dense_without_tma(shape: Shape) -> Attention:
     return attend
 
 
-def make_fastattn_dense_two_pass_backward(shape: Shape) -> Attention:
-    """Our kernel called under ``torch.use_deterministic_algorithms(True)``, which makes its backward take the two-pass
-    path (dQ in a second kernel, no atomics). Uninitialised-memory filling, which that mode also turns on, stays off
-    so that only the kernels differ."""
-
-    def attend(q, k, v):
-        previous = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
-        torch.use_deterministic_algorithms(True)
-        torch.utils.deterministic.fill_uninitialized_memory = False
-        try:
-            return dense_attention(q, k, v, causal=shape.causal)
-        finally:
-            torch.use_deterministic_algorithms(previous[0])
-            torch.utils.deterministic.fill_uninitialized_memory = previous[1]
-
-    return attend
-
-
 def make_sdpa(backend: SDPBackend, shape: Shape) -> Attention:
     def attend(q, k, v):
         # The context picks the forward kernel; autograd then runs that backend's own backward.
@@ -163,15 +145,12 @@ def make_fastattn_dense_fp8(shape: Shape, **options) -> Attention:
     return functools.partial(dense_attention_fp8, causal=shape.causal, **options)
 
 
-# Variants that change only the backward; the others change only the forward.
-BACKWARD_VARIANTS = {f"{OURS}_two_pass_bwd"}
 PROVIDERS: dict[str, Callable[[Shape], Attention]] = {
     OURS: make_fastattn_dense,
     f"{OURS}_no_tma": make_fastattn_dense_without_tma,
     f"{OURS}_fast_exp_half": functools.partial(make_fastattn_dense, fast_exp="half"),
     f"{OURS}_fast_exp_all": functools.partial(make_fastattn_dense, fast_exp="all"),
     f"{OURS}_fp8": make_fastattn_dense_fp8,
-    f"{OURS}_two_pass_bwd": make_fastattn_dense_two_pass_backward,
     f"{OURS}_fp8_accurate": functools.partial(make_fastattn_dense_fp8, smooth_q=True),
     "sdpa_flash": functools.partial(make_sdpa, SDPBackend.FLASH_ATTENTION),
     "sdpa_cudnn": functools.partial(make_sdpa, SDPBackend.CUDNN_ATTENTION),
@@ -319,11 +298,7 @@ def run_or_report(built: Attention | dict, measure: Callable[[Attention], dict])
 def benchmark_shape(shape: Shape, args, report: dict) -> None:
     print(f"== {shape}", flush=True)
     providers = build_providers(shape, args.providers)
-    variants = {
-        name: attend
-        for name, attend in providers.items()
-        if name.startswith(OURS) and name not in BACKWARD_VARIANTS and callable(attend)
-    }
+    variants = {name: attend for name, attend in providers.items() if name.startswith(OURS) and callable(attend)}
     check = guarded(lambda: spot_check(shape, variants)) if OURS in args.providers else {}
     if check:
         print(f"   spot check vs sdpa: {format_check(check)}", flush=True)
@@ -337,8 +312,8 @@ def benchmark_mode(shape: Shape, mode: str, providers: dict, check: dict, args, 
     flops = shape.flops(mode)
     timings = {}
     for name, built in providers.items():
-        if name.startswith(f"{OURS}_") and (mode == "fwd") == (name in BACKWARD_VARIANTS):
-            continue  # a variant is timed only in the mode it changes
+        if mode != "fwd" and name.startswith(f"{OURS}_"):
+            continue  # our variants change only the forward (the backward is fastattn_dense's)
         timings[name] = run_or_report(built, functools.partial(time_step, inputs=inputs, mode=mode, flops=flops))
         print(f"   {mode:<8} {name:<15} {format_timing(timings[name])}", flush=True)
     report["rows"].append(

@@ -31,20 +31,22 @@ if interpreter_enabled():
 # Tiles as (BLOCK_M, BLOCK_N, num_warps, num_stages): the measured H100 winners (bf16, d64/d128, N 1k-32k) plus
 # smaller ones for short sequences and head dim 256. The first is the default when autotuning is off.
 _FWD_TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)]
-# dK/dV (and single-pass dQ) kernel tiles, 5th element: Q and dO read through TMA (where ``tma_ok``); the first is
-# the H100's usual winner at d64/d128.
+# Backward tiles, 5th element: the streamed tiles (Q/dO for dK/dV, K/V for dQ) read through TMA where ``tma_ok``.
 _DKDV_TILES = [
     (*tile, use_tma)
     for use_tma in (True, False)
-    for tile in [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 3), (128, 128, 8, 2), (32, 64, 4, 2)]
+    for tile in [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2), (64, 128, 8, 2), (128, 128, 8, 2)]
 ]
-_DQ_TILES = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (128, 128, 8, 2), (128, 64, 8, 2)]
+_DQ_TILES = [
+    (*tile, use_tma)
+    for use_tma in (True, False)
+    for tile in [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (128, 128, 8, 2), (128, 64, 8, 2)]
+]
 # The forward also tries each tile with K/V read through TMA descriptors (5th element: USE_TMA) where the GPU and the
 # tensors allow it (``tma_ok``): faster at d128 non-causal, slower at d64 (benchmarks/NOTES.md), so autotuning picks.
 _FWD_TMA_TILES = [
     (*tile, use_tma) for use_tma in (False, True) for tile in [*_FWD_TILES, (128, 128, 8, 2), (128, 64, 8, 4)]
 ]
-_MAX_BWD_BLOCK_M = max(t[0] for t in _DKDV_TILES)
 _LARGE_HEAD_DIM_MAX_TILE = 64 * 64  # BLOCK_M * BLOCK_N that still fits shared memory at head dim 256
 _AUTOTUNE_KEY = ["seq_k_bucket", "HEAD_DIM", "CAUSAL", "HAS_KEY_PADDING"]
 _FWD_AUTOTUNE_KEY = [*_AUTOTUNE_KEY, "tma_ok", "FAST_EXP"]
@@ -64,7 +66,7 @@ def _allowed_tiles(tiles, block_d: int, tma_ok: bool | None) -> list[tuple]:
     return [t for t in _tiles_for(tiles, block_d) if tma_ok is None or tma_ok or not t[4]]
 
 
-def _autotuned(kernel, tiles, key=_AUTOTUNE_KEY, reset_to_zero=None):
+def _autotuned(kernel, tiles, key=_AUTOTUNE_KEY):
     def config(m, n, warps, stages, *use_tma):
         kwargs = {"BLOCK_M": m, "BLOCK_N": n} | ({"USE_TMA": use_tma[0]} if use_tma else {})
         return triton.Config(kwargs, num_warps=warps, num_stages=stages)
@@ -75,16 +77,12 @@ def _autotuned(kernel, tiles, key=_AUTOTUNE_KEY, reset_to_zero=None):
         return [c for c in configs if _tile_of(c) in allowed]
 
     configs = [config(*tile) for tile in tiles]
-    return triton.autotune(
-        configs, key=key, prune_configs_by={"early_config_prune": prune}, reset_to_zero=reset_to_zero
-    )(kernel)
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 _fwd_tuned = _autotuned(_dense_fwd_kernel, _FWD_TMA_TILES, _FWD_AUTOTUNE_KEY)
 _dkdv_tuned = _autotuned(_dense_bwd_dkdv_kernel, _DKDV_TILES, [*_AUTOTUNE_KEY, "tma_ok"])
-# Benchmarking a config adds into the dQ accumulator: it is zeroed before each trial.
-_fused_bwd_tuned = _autotuned(_dense_bwd_dkdv_kernel, _DKDV_TILES, [*_AUTOTUNE_KEY, "tma_ok"], ["DQAcc"])
-_dq_tuned = _autotuned(_dense_bwd_dq_kernel, _DQ_TILES)
+_dq_tuned = _autotuned(_dense_bwd_dq_kernel, _DQ_TILES, [*_AUTOTUNE_KEY, "tma_ok"])
 
 
 def _launch(kernel, tuned, tiles, grid, *args, tma_ok: bool | None = None, **meta):
@@ -153,9 +151,8 @@ def dense_fwd(q, k, v, key_padding, causal: bool, scale: float, fast_exp: int = 
     return out, lse
 
 
-def dense_bwd(dout, q, k, v, out, lse, key_padding, causal: bool, scale: float, deterministic: bool = False):
-    """Launch the backward kernels (see :mod:`.bwd`: a single pass with atomic dQ adds, or with ``deterministic`` two
-    passes without atomics); returns dq, dk, dv in the inputs' dtype."""
+def dense_bwd(dout, q, k, v, out, lse, key_padding, causal: bool, scale: float):
+    """Launch the three backward kernels; returns dq, dk, dv in the inputs' dtype."""
     dout, q, k, v, out = (unit_last_stride(t) for t in (dout, q, k, v, out))
     batch, num_q_heads, seq_q, head_dim = q.shape
     num_kv_heads, seq_k = k.shape[1], k.shape[2]
@@ -163,6 +160,10 @@ def dense_bwd(dout, q, k, v, out, lse, key_padding, causal: bool, scale: float, 
     kpad, stride_kpad = key_padding_arg(key_padding, q)
     seq_k_bucket = min(next_power_of_2(seq_k), 1 << 16)
     meta = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "CAUSAL": causal, "HAS_KEY_PADDING": key_padding is not None}
+    # At head dim 256 the pipelined TMA buffers of the streamed tiles do not fit shared memory.
+    tma_ok = block_d <= 128 and tma_usable(q, k, v, dout)
+    if tma_ok:
+        ensure_triton_allocator()
 
     delta = torch.empty_like(lse)
     pre_block = _INTERPRETER_BLOCK if interpreter_enabled() else 128
@@ -173,21 +174,12 @@ def dense_bwd(dout, q, k, v, out, lse, key_padding, causal: bool, scale: float, 
         num_q_heads, seq_q, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_block,
     )  # fmt: skip
 
+    dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    if not deterministic:
-        # Padded to whole tiles of the largest BLOCK_M, so the kernel's atomic adds need no masks.
-        seq_q_padded = triton.cdiv(seq_q, _MAX_BWD_BLOCK_M) * _MAX_BWD_BLOCK_M
-        dq_acc = q.new_zeros(batch, num_q_heads, seq_q_padded, block_d, dtype=torch.float32)
-    else:
-        seq_q_padded, dq_acc = seq_q, dk
-    tma_ok = tma_usable(q, dout, dq_acc)
-    if tma_ok:
-        ensure_triton_allocator()
-    # The interpreter has no TMA reductions: its dQ adds are pointer atomics.
-    dq_tma = tma_ok and not deterministic and not interpreter_enabled()
-    kernel_args = (
-        q, k, v, kpad, dout, lse, delta, dk, dv, dq_acc,
+    _launch(
+        _dense_bwd_dkdv_kernel, _dkdv_tuned, _DKDV_TILES, lambda m: (triton.cdiv(seq_k, m["BLOCK_N"]), batch * num_kv_heads),
+        q, k, v, kpad, dout, lse, delta, dk, dv,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -195,21 +187,9 @@ def dense_bwd(dout, q, k, v, out, lse, key_padding, causal: bool, scale: float, 
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         stride_kpad,
-        num_q_heads, num_kv_heads, num_q_heads // num_kv_heads, seq_q, seq_k, scale, seq_q_padded,
-        seq_k_bucket, int(tma_ok),
+        num_q_heads, num_kv_heads, num_q_heads // num_kv_heads, seq_q, seq_k, scale, seq_k_bucket, int(tma_ok),
+        tma_ok=tma_ok, **meta,
     )  # fmt: skip
-
-    def dkdv_grid(m):
-        return (triton.cdiv(seq_k, m["BLOCK_N"]), batch * num_kv_heads)
-
-    if not deterministic:
-        _launch(_dense_bwd_dkdv_kernel, _fused_bwd_tuned, _DKDV_TILES, dkdv_grid, *kernel_args, tma_ok=tma_ok, **meta,
-                ACCUMULATE_DQ=True, DQ_TMA=dq_tma)  # fmt: skip
-        return (dq_acc[..., :seq_q, :head_dim] * scale).to(q.dtype), dk, dv
-
-    _launch(_dense_bwd_dkdv_kernel, _dkdv_tuned, _DKDV_TILES, dkdv_grid, *kernel_args, tma_ok=tma_ok, **meta,
-            ACCUMULATE_DQ=False, DQ_TMA=False)  # fmt: skip
-    dq = torch.empty_like(q)
     _launch(
         _dense_bwd_dq_kernel, _dq_tuned, _DQ_TILES, lambda m: (triton.cdiv(seq_q, m["BLOCK_M"]), batch * num_q_heads),
         q, k, v, kpad, dout, lse, delta, dq,
@@ -219,7 +199,7 @@ def dense_bwd(dout, q, k, v, out, lse, key_padding, causal: bool, scale: float, 
         dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         stride_kpad,
-        num_q_heads, num_q_heads // num_kv_heads, seq_q, seq_k, scale, seq_k_bucket, **meta,
+        num_q_heads, num_q_heads // num_kv_heads, seq_q, seq_k, scale, seq_k_bucket, int(tma_ok), tma_ok=tma_ok, **meta,
     )  # fmt: skip
     return dq, dk, dv
 
@@ -254,13 +234,12 @@ def _dense_bwd_op(
     key_padding: torch.Tensor | None,
     causal: bool,
     scale: float,
-    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return dense_bwd(dout, q, k, v, out, lse, key_padding, causal, scale, deterministic)
+    return dense_bwd(dout, q, k, v, out, lse, key_padding, causal, scale)
 
 
 @_dense_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, key_padding, causal, scale, deterministic):
+def _(dout, q, k, v, out, lse, key_padding, causal, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -269,14 +248,12 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_padding)
     ctx.causal, ctx.scale = causal, scale
-    # Whether the backward must be bitwise repeatable (no atomics) is decided when the forward runs.
-    ctx.deterministic = torch.are_deterministic_algorithms_enabled()
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, key_padding = ctx.saved_tensors
     # The backward recomputes P with the exact exponential, also after a fast-exp forward.
-    dq, dk, dv = _dense_bwd_op(dout, q, k, v, out, lse, key_padding, ctx.causal, ctx.scale, ctx.deterministic)
+    dq, dk, dv = _dense_bwd_op(dout, q, k, v, out, lse, key_padding, ctx.causal, ctx.scale)
     return dq, dk, dv, None, None, None, None
 
 

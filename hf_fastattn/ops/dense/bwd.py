@@ -1,16 +1,15 @@
-"""FlashAttention-2 style backward: ``delta`` preprocessing, then the gradients in one of two ways.
+"""FlashAttention-2 style backward: ``delta`` preprocessing, then dK/dV and dQ in two kernels (no atomics).
 
 dK/dV programs own one key tile of one KV head and loop over every query head of its GQA group, so repeated K/V is
-never materialised and no two programs write the same dK/dV. dQ then comes either
+never materialised and no two programs write the same gradient. The masking rules are the forward's (bottom-right
+causal, key padding, sequence ends); rows with ``lse = -inf`` (nothing visible) contribute nothing.
 
-* from the same pass (``ACCUMULATE_DQ``, the default): each (key tile, query tile) pair adds ``dS K`` to an fp32
-  dQ accumulator with atomic adds, FlashAttention-2's algorithm: 5 matrix products per pair. The order of the adds
-  varies from run to run, so dQ is not bitwise repeatable; or
-* from a second kernel (``_dense_bwd_dq_kernel``) that recomputes S and dP per query tile: 7 products per pair, no
-  atomics, bitwise repeatable; used when ``torch.use_deterministic_algorithms(True)`` is on.
+The tiles each loop streams (Q and dO for dK/dV, K and V for dQ) are read through tile sources
+(:func:`~.fwd.row_tile_source`): TMA descriptors with ``USE_TMA``. Each of those tiles feeds two matrix products, and
+as plain loads Triton 3.6 did not pipeline them, so every iteration waited for its loads.
 
-The masking rules are the forward's (bottom-right causal, key padding, sequence ends); rows with ``lse = -inf``
-(nothing visible) contribute nothing.
+FlashAttention-2's single pass (dQ added with atomics from the dK/dV programs: 5 products per tile pair instead of 7)
+was built and measured no faster on the H100 (benchmarks/NOTES.md), so the backward stays two-pass and deterministic.
 """
 
 from __future__ import annotations
@@ -50,36 +49,13 @@ def _load_row_stats(LSE, Delta, row_base, rows, seq_q):
 
 
 @triton.jit
-def dq_accumulator(DQAcc, rows_total, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DQ_TMA: tl.constexpr):
-    """What the dQ atomic adds go to: the ``(rows_total, BLOCK_D)`` fp32 accumulator, through a TMA descriptor (its
-    adds are bulk reductions done by the copy engine and L2) with ``DQ_TMA``, else as a pointer."""
-    if DQ_TMA:
-        return tl.make_tensor_descriptor(DQAcc, shape=[rows_total, BLOCK_D], strides=[BLOCK_D, 1],
-                                         block_shape=[BLOCK_M, BLOCK_D])  # fmt: skip
-    else:
-        return DQAcc
-
-
-@triton.jit
-def add_dq_tile(dq_sink, first_row, dq_part, offs_m, offs_d, BLOCK_D: tl.constexpr):
-    """Add a ``(BLOCK_M, BLOCK_D)`` dQ contribution to accumulator rows ``first_row + offs_m``. Every row and column
-    exists (the accumulator is padded to whole tiles), so no mask."""
-    if isinstance(dq_sink, tl.tensor_descriptor):
-        dq_sink.atomic_add([first_row.to(tl.int32), 0], dq_part)
-    else:
-        tl.atomic_add(dq_sink + (first_row + offs_m)[:, None] * BLOCK_D + offs_d[None, :], dq_part, sem="relaxed")
-
-
-@triton.jit
 def attn_bwd_dkdv_tile(
     dk, dv, k, v, key_keep, cols,
     q_src, do_src, LSE, Delta, row_base, start_m, offs_m, offs_d,
-    stride_qm, stride_dom, seq_q, causal_offset, qk_scale, dq_sink, dq_row_base,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_CAUSAL: tl.constexpr, ACCUMULATE_DQ: tl.constexpr,
+    stride_qm, stride_dom, seq_q, causal_offset, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_CAUSAL: tl.constexpr,
 ):  # fmt: skip
-    """Accumulate one query tile's contribution to the dK/dV of a key tile (scores handled transposed: keys x rows),
-    and with ``ACCUMULATE_DQ`` add its dQ contribution (unscaled) to the accumulator rows from ``dq_row_base``.
-    Q and dO are read through tile sources (:func:`~.fwd.row_tile_source`)."""
+    """Accumulate one query tile's contribution to the dK/dV of a key tile (scores handled transposed: keys x rows)."""
     rows = start_m + offs_m
     q = load_row_tile(q_src, start_m, rows, offs_d, stride_qm, seq_q, HEAD_DIM, BLOCK_D, True)
     do = load_row_tile(do_src, start_m, rows, offs_d, stride_dom, seq_q, HEAD_DIM, BLOCK_D, True)
@@ -93,16 +69,14 @@ def attn_bwd_dkdv_tile(
     p_t = tl.where(keep, p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do)
     dp_t = tl.dot(v, tl.trans(do))
-    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-    dk += tl.dot(ds_t, q)
-    if ACCUMULATE_DQ:
-        add_dq_tile(dq_sink, dq_row_base + start_m, tl.dot(tl.trans(ds_t), k), offs_m, offs_d, BLOCK_D)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q)
     return dk, dv
 
 
 @triton.jit
 def _dense_bwd_dkdv_kernel(
-    Q, K, V, KPAD, dOut, LSE, Delta, dK, dV, DQAcc,
+    Q, K, V, KPAD, dOut, LSE, Delta, dK, dV,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -110,16 +84,11 @@ def _dense_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_kpad_b,
-    num_q_heads, num_kv_heads, group_size, seq_q, seq_k, scale, seq_q_padded,
+    num_q_heads, num_kv_heads, group_size, seq_q, seq_k, scale,
     seq_k_bucket, tma_ok,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, ACCUMULATE_DQ: tl.constexpr, USE_TMA: tl.constexpr,
-    DQ_TMA: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
-    """dK/dV of one key tile of one KV head; with ``ACCUMULATE_DQ`` also the dQ contributions, added to ``DQAcc``
-    (``(B, H_q, seq_q_padded, BLOCK_D)`` fp32, zero-initialised), through a TMA descriptor with ``DQ_TMA``. With
-    ``USE_TMA`` the Q and dO tiles are read through TMA descriptors: as plain loads, Triton 3.6 does not pipeline
-    them (each feeds two products), and every query tile waited for them."""
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     batch = bh // num_kv_heads
@@ -147,7 +116,6 @@ def _dense_bwd_dkdv_kernel(
         q_lo = 0
         q_full = 0
 
-    dq_sink = dq_accumulator(DQAcc, tl.num_programs(1) * group_size * seq_q_padded, BLOCK_M, BLOCK_D, DQ_TMA)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(group_size):
@@ -157,18 +125,15 @@ def _dense_bwd_dkdv_kernel(
         do_src = row_tile_source(dOut + batch * stride_dob + q_head * stride_doh, seq_q, stride_dom, HEAD_DIM,
                                  BLOCK_M, BLOCK_D, USE_TMA)  # fmt: skip
         row_base = (batch * num_q_heads + q_head) * seq_q
-        dq_row_base = (batch * num_q_heads + q_head).to(tl.int64) * seq_q_padded
         for start_m in tl.range(q_lo, q_full, BLOCK_M):
             dk, dv = attn_bwd_dkdv_tile(
                 dk, dv, k, v, key_keep, cols, q_src, do_src, LSE, Delta, row_base, start_m, offs_m, offs_d,
-                stride_qm, stride_dom, seq_q, causal_offset, qk_scale, dq_sink, dq_row_base,
-                HEAD_DIM, BLOCK_D, True, ACCUMULATE_DQ,
+                stride_qm, stride_dom, seq_q, causal_offset, qk_scale, HEAD_DIM, BLOCK_D, True,
             )  # fmt: skip
         for start_m in tl.range(q_full, seq_q, BLOCK_M):
             dk, dv = attn_bwd_dkdv_tile(
                 dk, dv, k, v, key_keep, cols, q_src, do_src, LSE, Delta, row_base, start_m, offs_m, offs_d,
-                stride_qm, stride_dom, seq_q, causal_offset, qk_scale, dq_sink, dq_row_base,
-                HEAD_DIM, BLOCK_D, False, ACCUMULATE_DQ,
+                stride_qm, stride_dom, seq_q, causal_offset, qk_scale, HEAD_DIM, BLOCK_D, False,
             )  # fmt: skip
 
     dk = dk * scale
@@ -180,15 +145,14 @@ def _dense_bwd_dkdv_kernel(
 
 @triton.jit
 def attn_bwd_dq_tile(
-    dq, q, do, lse, delta, rows, k_base, v_base, kpad_base, start_n, offs_n, offs_d,
+    dq, q, do, lse, delta, rows, k_src, v_src, kpad_base, start_n, offs_n, offs_d,
     stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
-    HEAD_DIM: tl.constexpr, MASK_CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
 ):  # fmt: skip
     """Accumulate one key tile's contribution to dQ of a query tile."""
     cols = start_n + offs_n
-    kv_mask = (cols[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = load_row_tile(k_src, start_n, cols, offs_d, stride_kn, seq_k, HEAD_DIM, BLOCK_D, True)
+    v = load_row_tile(v_src, start_n, cols, offs_d, stride_vn, seq_k, HEAD_DIM, BLOCK_D, True)
     s = tl.dot(q, tl.trans(k))
     p = tl.math.exp2(s * qk_scale - lse[:, None])
     keep = cols[None, :] < seq_k
@@ -213,9 +177,9 @@ def _dense_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm,
     stride_kpad_b,
     num_q_heads, group_size, seq_q, seq_k, scale,
-    seq_k_bucket,  # autotune key only
+    seq_k_bucket, tma_ok,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
@@ -233,8 +197,10 @@ def _dense_bwd_dq_kernel(
                  mask=load_mask, other=0.0)  # fmt: skip
     lse, delta = _load_row_stats(LSE, Delta, bh * seq_q, rows, seq_q)
 
-    k_base = K + batch * stride_kb + kv_head * stride_kh
-    v_base = V + batch * stride_vb + kv_head * stride_vh
+    k_src = row_tile_source(K + batch * stride_kb + kv_head * stride_kh, seq_k, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D,
+                            USE_TMA)  # fmt: skip
+    v_src = row_tile_source(V + batch * stride_vb + kv_head * stride_vh, seq_k, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D,
+                            USE_TMA)  # fmt: skip
     kpad_base = KPAD + batch * stride_kpad_b
     qk_scale = scale * 1.4426950408889634
     causal_offset = seq_k - seq_q
@@ -242,11 +208,13 @@ def _dense_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in tl.range(0, full_hi, BLOCK_N):
-        dq = attn_bwd_dq_tile(dq, q, do, lse, delta, rows, k_base, v_base, kpad_base, start_n, offs_n, offs_d,
-                              stride_kn, stride_vn, seq_k, causal_offset, qk_scale, HEAD_DIM, False, HAS_KEY_PADDING)  # fmt: skip
+        dq = attn_bwd_dq_tile(dq, q, do, lse, delta, rows, k_src, v_src, kpad_base, start_n, offs_n, offs_d,
+                              stride_kn, stride_vn, seq_k, causal_offset, qk_scale, HEAD_DIM, BLOCK_D, False,
+                              HAS_KEY_PADDING)  # fmt: skip
     for start_n in tl.range(full_hi, hi, BLOCK_N):
-        dq = attn_bwd_dq_tile(dq, q, do, lse, delta, rows, k_base, v_base, kpad_base, start_n, offs_n, offs_d,
-                              stride_kn, stride_vn, seq_k, causal_offset, qk_scale, HEAD_DIM, CAUSAL, HAS_KEY_PADDING)  # fmt: skip
+        dq = attn_bwd_dq_tile(dq, q, do, lse, delta, rows, k_src, v_src, kpad_base, start_n, offs_n, offs_d,
+                              stride_kn, stride_vn, seq_k, causal_offset, qk_scale, HEAD_DIM, BLOCK_D, CAUSAL,
+                              HAS_KEY_PADDING)  # fmt: skip
     dq = dq * scale
     tl.store(dQ + batch * stride_dqb + q_head * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :],
              dq.to(dQ.dtype.element_ty), mask=load_mask)  # fmt: skip
