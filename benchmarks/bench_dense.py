@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import gc
 import importlib.metadata
 import itertools
 import json
@@ -224,11 +225,18 @@ def peak_memory(attend: Attention, inputs: Inputs, mode: str) -> dict:
     """Peak bytes allocated by one call above what was already live (the inputs), in MiB."""
     step = make_step(attend, inputs, mode)
     warm_up(step, inputs)
-    allocated_before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
+    # Garbage left by earlier providers (reference cycles of their graphs) must not be freed inside the measurement:
+    # that made the figure drift between runs, once below zero.
+    gc.collect()
+    gc.disable()
+    try:
+        torch.cuda.reset_peak_memory_stats()
+        allocated_before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    finally:
+        gc.enable()
     inputs.clear_grads()
     return {"peak_mib": (peak - allocated_before) / 2**20}
 
