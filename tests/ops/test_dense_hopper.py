@@ -85,7 +85,7 @@ def test_fast_exp_rejects_unknown_setting():
 @pytest.mark.parametrize("causal,pad", [(True, "left"), (False, "holes"), (True, "full")])
 def test_tma_path_equals_pointer_path(monkeypatch, head_dim, causal, pad):
     """Same tiles, same arithmetic: descriptor loads (zero-filled past the sequence and head dim) change nothing, in
-    the forward and in the backward (Q and dO tiles read through descriptors)."""
+    the forward and in the backward (its streamed tiles read through descriptors)."""
     q, k, v, dout = make_qkv(2, 4, 2, 33, 50, head_dim, torch.bfloat16, seed=3)
     kw = {"causal": causal, "key_padding": make_key_padding(pad, 2, 50)}
 

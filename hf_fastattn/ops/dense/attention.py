@@ -29,75 +29,72 @@ if interpreter_enabled():
 
 
 # Tiles as (BLOCK_M, BLOCK_N, num_warps, num_stages): the measured H100 winners (bf16, d64/d128, N 1k-32k) plus
-# smaller ones for short sequences and head dim 256. The first is the default when autotuning is off.
-_FWD_TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)]
-# Backward tiles, 5th element: the streamed tiles (Q/dO for dK/dV, K/V for dQ) read through TMA where ``tma_ok``.
-_DKDV_TILES = [
-    (*tile, use_tma)
-    for use_tma in (True, False)
-    for tile in [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2), (64, 128, 8, 2), (128, 128, 8, 2)]
-]
-_DQ_TILES = [
-    (*tile, use_tma)
-    for use_tma in (True, False)
-    for tile in [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (128, 128, 8, 2), (128, 64, 8, 2)]
-]
-# The forward also tries each tile with K/V read through TMA descriptors (5th element: USE_TMA) where the GPU and the
-# tensors allow it (``tma_ok``): faster at d128 non-causal, slower at d64 (benchmarks/NOTES.md), so autotuning picks.
-_FWD_TMA_TILES = [
-    (*tile, use_tma) for use_tma in (False, True) for tile in [*_FWD_TILES, (128, 128, 8, 2), (128, 64, 8, 4)]
-]
+# smaller ones for short sequences and head dim 256.
+
+
+def _with_tma_twins(tiles, *, tma_first: bool) -> list[tuple]:
+    """Each tile twice, with a 5th element ``USE_TMA``: the tiles a kernel streams are read through TMA descriptors or
+    plain loads, the autotuner picks (TMA only where ``tma_ok``). The first allowed tile is the default when
+    autotuning is off, so ``tma_first`` chooses that default."""
+    return [(*tile, use_tma) for use_tma in ((True, False) if tma_first else (False, True)) for tile in tiles]
+
+
+# The forward streams K/V: TMA is faster at d128 non-causal, slower at d64 (benchmarks/NOTES.md).
+_FWD_TILES = _with_tma_twins(
+    [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 4)],
+    tma_first=False,
+)
+# The backward streams Q/dO (dK/dV) and K/V (dQ): as plain loads Triton 3.6 does not pipeline them.
+_DKDV_TILES = _with_tma_twins(
+    [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2), (64, 128, 8, 2), (128, 128, 8, 2)],
+    tma_first=True,
+)
+_DQ_TILES = _with_tma_twins(
+    [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (128, 128, 8, 2), (128, 64, 8, 2)],
+    tma_first=True,
+)
 _LARGE_HEAD_DIM_MAX_TILE = 64 * 64  # BLOCK_M * BLOCK_N that still fits shared memory at head dim 256
-_AUTOTUNE_KEY = ["seq_k_bucket", "HEAD_DIM", "CAUSAL", "HAS_KEY_PADDING"]
-_FWD_AUTOTUNE_KEY = [*_AUTOTUNE_KEY, "tma_ok", "FAST_EXP"]
+_AUTOTUNE_KEY = ["seq_k_bucket", "HEAD_DIM", "CAUSAL", "HAS_KEY_PADDING", "tma_ok"]
 
 
-def _tiles_for(tiles, block_d: int):
-    return tiles if block_d <= 128 else [t for t in tiles if t[0] * t[1] <= _LARGE_HEAD_DIM_MAX_TILE]
-
-
-def _tile_of(config) -> tuple:
-    tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
-    return (*tile, config.kwargs["USE_TMA"]) if "USE_TMA" in config.kwargs else tile
-
-
-def _allowed_tiles(tiles, block_d: int, tma_ok: bool | None) -> list[tuple]:
-    """The tiles that fit the head dim; of TMA tiles (5th element), only those ``tma_ok`` permits."""
-    return [t for t in _tiles_for(tiles, block_d) if tma_ok is None or tma_ok or not t[4]]
+def _allowed_tiles(tiles, block_d: int, tma_ok: bool) -> list[tuple]:
+    """The tiles that fit the head dim; TMA tiles (5th element) only where ``tma_ok``."""
+    fitting = tiles if block_d <= 128 else [t for t in tiles if t[0] * t[1] <= _LARGE_HEAD_DIM_MAX_TILE]
+    return [t for t in fitting if tma_ok or not t[4]]
 
 
 def _autotuned(kernel, tiles, key=_AUTOTUNE_KEY):
-    def config(m, n, warps, stages, *use_tma):
-        kwargs = {"BLOCK_M": m, "BLOCK_N": n} | ({"USE_TMA": use_tma[0]} if use_tma else {})
-        return triton.Config(kwargs, num_warps=warps, num_stages=stages)
+    def config(m, n, warps, stages, use_tma):
+        return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "USE_TMA": use_tma}, num_warps=warps, num_stages=stages)
+
+    def tile_of(config) -> tuple:
+        kwargs = config.kwargs
+        return kwargs["BLOCK_M"], kwargs["BLOCK_N"], config.num_warps, config.num_stages, kwargs["USE_TMA"]
 
     def prune(configs, named_args, **kwargs):
-        tma_ok = bool(named_args["tma_ok"]) if "tma_ok" in named_args else None
-        allowed = _allowed_tiles(tiles, kwargs.get("BLOCK_D", named_args.get("BLOCK_D")), tma_ok)
-        return [c for c in configs if _tile_of(c) in allowed]
+        allowed = _allowed_tiles(tiles, kwargs.get("BLOCK_D", named_args.get("BLOCK_D")), bool(named_args["tma_ok"]))
+        return [c for c in configs if tile_of(c) in allowed]
 
     configs = [config(*tile) for tile in tiles]
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
-_fwd_tuned = _autotuned(_dense_fwd_kernel, _FWD_TMA_TILES, _FWD_AUTOTUNE_KEY)
-_dkdv_tuned = _autotuned(_dense_bwd_dkdv_kernel, _DKDV_TILES, [*_AUTOTUNE_KEY, "tma_ok"])
-_dq_tuned = _autotuned(_dense_bwd_dq_kernel, _DQ_TILES, [*_AUTOTUNE_KEY, "tma_ok"])
+_fwd_tuned = _autotuned(_dense_fwd_kernel, _FWD_TILES, [*_AUTOTUNE_KEY, "FAST_EXP"])
+_dkdv_tuned = _autotuned(_dense_bwd_dkdv_kernel, _DKDV_TILES)
+_dq_tuned = _autotuned(_dense_bwd_dq_kernel, _DQ_TILES)
 
 
-def _launch(kernel, tuned, tiles, grid, *args, tma_ok: bool | None = None, **meta):
+def _launch(kernel, tuned, tiles, grid, *args, tma_ok: bool, **meta):
     """Autotuned on a GPU (unless HF_FASTATTN_AUTOTUNE=0: the first fitting tile); the smallest tile when interpreted.
-    ``tma_ok`` is given for kernels whose tiles choose TMA (``USE_TMA``): whether these tensors allow it."""
+    ``tma_ok``: whether these tensors allow the TMA tiles (``USE_TMA``)."""
     if interpreter_enabled():
-        blocks = {"BLOCK_M": _INTERPRETER_BLOCK, "BLOCK_N": _INTERPRETER_BLOCK}
-        if tma_ok is not None:
-            blocks["USE_TMA"] = tma_ok
+        blocks = {"BLOCK_M": _INTERPRETER_BLOCK, "BLOCK_N": _INTERPRETER_BLOCK, "USE_TMA": tma_ok}
         kernel[grid(blocks)](*args, **meta, **blocks)
     elif autotune_enabled():
         tuned[grid](*args, **meta)
     else:
-        block_m, block_n, warps, stages, *use_tma = _allowed_tiles(tiles, meta["BLOCK_D"], tma_ok)[0]
-        blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n} | ({"USE_TMA": use_tma[0]} if use_tma else {})
+        block_m, block_n, warps, stages, use_tma = _allowed_tiles(tiles, meta["BLOCK_D"], tma_ok)[0]
+        blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n, "USE_TMA": use_tma}
         kernel[grid(blocks)](*args, **meta, **blocks, num_warps=warps, num_stages=stages)
 
 
@@ -136,7 +133,7 @@ def dense_fwd(q, k, v, key_padding, causal: bool, scale: float, fast_exp: int = 
         return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * num_q_heads)
 
     _launch(
-        _dense_fwd_kernel, _fwd_tuned, _FWD_TMA_TILES, grid,
+        _dense_fwd_kernel, _fwd_tuned, _FWD_TILES, grid,
         q, k, v, kpad, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
