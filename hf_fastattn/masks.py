@@ -3,9 +3,11 @@
 transformers calls a method's mask builder (``AttentionMaskInterface``) once per forward. For the plain patterns our
 kernels handle natively (causal aligned bottom-right, or bidirectional, each with optional padding) the builder returns
 the ``(B, S_kv)`` key-padding mask, or ``None`` without padding, so nothing ``S_q x S_kv``-sized is materialised.
-Anything else (sliding windows, packed sequences, custom ``or``/``and`` mask functions, a static cache whose queries
-are not aligned with the end of the keys) is materialised as SDPA's 4-D boolean mask, which the kernels decline and
-route to the fallback: never silently dropped.
+A single causal query (a decode step) needs no alignment: it sees every key up to its own position, so a static cache
+(keys run to ``max_cache_len``, past the query) also gets a ``(B, S_kv)`` mask, its unfilled slots hidden; with the
+cache's tensor offset that costs no host sync, so decode stays CUDA-graph friendly. Anything else (sliding windows,
+packed sequences, custom ``or``/``and`` mask functions, several queries against a static cache) is materialised as
+SDPA's 4-D boolean mask, which the kernels decline and route to the fallback: never silently dropped.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def fastattn_mask(
         if attention_mask is None:
             return None
         return _key_padding(attention_mask, kv_length, kv_offset)
+    if mask_function is causal_mask_function and q_length == 1:
+        return _keys_up_to(q_offset, batch_size, kv_length, kv_offset, attention_mask, kwargs.get("device"))
     kwargs["allow_is_causal_skip"] = False
     kwargs.pop("allow_is_bidirectional_skip", None)  # defaults to False: always materialise
     return sdpa_mask(
@@ -65,6 +69,19 @@ def _key_padding(attention_mask: torch.Tensor, kv_length: int, kv_offset: int) -
     if missing > 0:  # a cache longer than the mask: positions past the mask are not attended
         mask = torch.nn.functional.pad(mask, (0, missing), value=False)
     return mask[:, kv_offset : kv_offset + kv_length]
+
+
+def _keys_up_to(q_offset, batch_size: int, kv_length: int, kv_offset: int, attention_mask, device) -> torch.Tensor:
+    """``(B, kv_length)``: the keys at or before position ``q_offset`` (an int, or a 0-d tensor: compared on the
+    device), and not padding."""
+    if isinstance(q_offset, torch.Tensor):
+        device = q_offset.device
+    elif attention_mask is not None:
+        device = attention_mask.device
+    visible = torch.arange(kv_offset, kv_offset + kv_length, device=device) <= q_offset
+    if attention_mask is None:
+        return visible.expand(batch_size, kv_length)
+    return visible & _key_padding(attention_mask, kv_length, kv_offset).to(device)
 
 
 def classify_mask(attention_mask, batch_size: int, kv_length: int) -> str:

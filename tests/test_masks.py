@@ -150,17 +150,24 @@ def test_misaligned_causal_is_materialised(with_padding):
     assert not out[:, :, :, 5:].any()  # the empty tail of the static cache
 
 
-def test_tensor_q_offset_is_handled_in_eager():
-    """StaticCache reports its length as a 0-d tensor (transformers' get_query_offset): the mask must still be right."""
-    attention_mask = padding_mask(length=10, left=1, right=0)
-    out = fastattn_mask(
-        2, 1, 10, q_offset=torch.tensor(3), mask_function=causal_mask_function, attention_mask=attention_mask
-    )
-    assert out.shape == (2, 1, 1, 10)
-    assert torch.equal(out, explicit_causal(attention_mask, 1, 10, q_offset=3).expand_as(out))
+@pytest.mark.parametrize("with_padding", [False, True], ids=["nopad", "pad"])
+@pytest.mark.parametrize("tensor_offset", [False, True], ids=["int", "tensor"])
+def test_decode_against_static_cache_is_key_padding(with_padding, tensor_offset):
+    """One query against a static cache (keys to max_cache_len, past the query): a (B, S_kv) key mask hiding the
+    unfilled slots, not a materialised 4-D mask. StaticCache reports its offset as a 0-d tensor
+    (transformers' get_query_offset), compared on the device without a host sync."""
+    attention_mask = padding_mask(length=10, left=1, right=6) if with_padding else None
+    offset = torch.tensor(3) if tensor_offset else 3
+    out = fastattn_mask(2, 1, 10, q_offset=offset, mask_function=causal_mask_function, attention_mask=attention_mask)
+    assert out is not None and out.dtype == torch.bool and out.shape == (2, 10)
+    assert classify_mask(out, 2, 10) == MASK_KEY_PADDING
+    batch_mask = attention_mask if with_padding else torch.ones(2, 10)
+    # A single query sees every key its mask row allows (the kernels' bottom-right rule for S_q = 1).
+    assert torch.equal(out, explicit_causal(batch_mask, 1, 10, q_offset=3)[:, 0, 0])
+    assert not out[:, 4:].any()  # the unfilled slots after position 3
 
 
-def test_tensor_q_offset_compiles_fullgraph():
+def test_decode_key_mask_compiles_fullgraph():
     attention_mask = padding_mask(length=10, left=1, right=0).bool()
 
     def build(mask, offset):
@@ -168,7 +175,7 @@ def test_tensor_q_offset_compiles_fullgraph():
 
     torch._dynamo.reset()
     out = torch.compile(build, fullgraph=True, backend="eager")(attention_mask, torch.tensor(3))
-    assert out.shape == (2, 1, 1, 10)
+    assert torch.equal(out, build(attention_mask, torch.tensor(3)))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -524,6 +524,34 @@ def test_greedy_generate_per_decode_strategy(method, decode, spy):
         assert spy.decode == ([] if expected_strategy is None else [expected_strategy] * steps)
 
 
+@pytest.mark.parametrize("method", ["dense", "lean"])
+def test_greedy_generate_with_static_cache(method, spy):
+    """A StaticCache (what compiled generation uses): its keys run past the query to max_cache_len. Every decode step
+    runs the shared decode kernels with the unfilled slots masked; the prefill (several queries against the longer
+    cache) falls back to SDPA. Tokens equal eager's with a DynamicCache, from a left-padded batch."""
+    arch = ARCHS["llama"]
+    eager, fast = build_pair(arch)
+    hf_fastattn.patch(fast, method)
+    inputs = make_inputs(arch, "left", seq=40, seed=5)
+    kwargs = {
+        **inputs, "max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "pad_token_id": PAD_ID,
+        "return_dict_in_generate": True, "output_logits": True,
+    }  # fmt: skip
+    expected = eager.generate(**kwargs, past_key_values=DynamicCache(config=eager.config))
+    spy.reset()
+    actual = fast.generate(**kwargs, cache_implementation="static")
+    torch.testing.assert_close(actual.sequences, expected.sequences, atol=0, rtol=0)
+    for step, (a, e) in enumerate(zip(actual.logits, expected.logits)):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4, msg=lambda m, s=step: f"step {s}: {m}")
+    assert spy.fallbacks == arch.num_layers  # the prefill only
+    if interpreter_enabled():
+        decode_keys = {k_shape[2] for _, k_shape, _, _ in spy.kernel_fwd}
+        # Every step gets the whole cache: at least the 43 positions the last step fills, 2 of them empty at the first.
+        assert len(decode_keys) == 1 and decode_keys.pop() >= 40 + 3, decode_keys
+        assert len(spy.decode) == arch.num_layers * 3
+        assert all(has_padding for _, _, has_padding, _ in spy.kernel_fwd)
+
+
 @pytest.mark.parametrize("arch_name", CAUSAL)
 def test_cached_decode_matches_full_forward(arch_name, spy):
     """Feed continuation chunks (single tokens and a multi-token chunk) through a DynamicCache: each chunk's logits
