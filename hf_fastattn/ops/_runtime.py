@@ -6,7 +6,7 @@ same kernels with NumPy). Anything else takes a method's declared fallback.
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
@@ -22,18 +22,13 @@ def autotune_enabled() -> bool:
     return os.environ.get("HF_FASTATTN_AUTOTUNE", "1") != "0"
 
 
-@functools.cache
-def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+# Whether Triton is installed, decided once: a plain constant, which torch.compile reads without tracing a cache.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def triton_supports(device: torch.device) -> bool:
     """Whether the Triton kernels can run on tensors living on ``device``."""
-    if not triton_importable():
+    if not TRITON_INSTALLED:
         return False
     if interpreter_enabled():
         return device.type == "cpu"

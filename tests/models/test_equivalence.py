@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -27,6 +28,7 @@ from transformers import (
     GPT2Config,
     LlamaConfig,
     RobertaConfig,
+    StaticCache,
     ViTConfig,
 )
 
@@ -550,6 +552,40 @@ def test_greedy_generate_with_static_cache(method, spy):
         assert len(decode_keys) == 1 and decode_keys.pop() >= 40 + 3, decode_keys
         assert len(spy.decode) == arch.num_layers * 3
         assert all(has_padding for _, _, has_padding, _ in spy.kernel_fwd)
+
+
+def test_static_cache_decode_compiles_fullgraph(spy):
+    """Decode steps against a StaticCache compile as one graph (no break, no host sync: the cache's position stays a
+    device tensor) and generate eager's greedy tokens; dynamo has nothing to warn about in hf_fastattn."""
+    arch = ARCHS["llama"]
+    eager, fast = build_pair(arch)
+    hf_fastattn.patch(fast, "lean")
+    inputs = make_inputs(arch, "left", seq=20, seed=5)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    new_tokens = 4
+    expected = eager.generate(
+        **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD_ID
+    )[:, ids.shape[1] :]
+
+    cache = StaticCache(config=fast.config, max_cache_len=ids.shape[1] + new_tokens)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    torch._dynamo.reset()
+    decode_step = torch.compile(fast.forward, backend="aot_eager", fullgraph=True)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logits = fast(input_ids=ids, attention_mask=mask, past_key_values=cache, position_ids=positions).logits
+        tokens = [logits[:, -1].argmax(-1, keepdim=True)]
+        spy.reset()
+        for _ in range(new_tokens - 1):
+            mask = torch.cat([mask, torch.ones_like(tokens[-1])], dim=1)
+            positions = positions[:, -1:] + 1
+            logits = decode_step(
+                input_ids=tokens[-1], attention_mask=mask, past_key_values=cache, position_ids=positions
+            ).logits
+            tokens.append(logits[:, -1].argmax(-1, keepdim=True))
+    torch.testing.assert_close(torch.cat(tokens, dim=1), expected, atol=0, rtol=0)
+    assert spy.fallbacks == 0
+    assert not [w for w in caught if "hf_fastattn" in str(w.filename) or "hf_fastattn" in str(w.message)]
 
 
 @pytest.mark.parametrize("arch_name", CAUSAL)
