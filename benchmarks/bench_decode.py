@@ -84,6 +84,7 @@ E2E_METHODS: dict[str, tuple[str, dict] | None] = {
     "fastattn_lean": ("lean", {}),  # decode="streamk"
 }
 E2E_MODELS = ("smollm2", "llama8b")
+E2E_CACHES = ("dynamic", "static")
 TOKEN_CHECK_METHODS = ("fastattn_lean", "fastattn_dense")
 LLAMA8B = {
     "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -440,28 +441,33 @@ def attention_method(model, name: str):
     return contextlib.nullcontext() if spec is None else hf_fastattn.use(model, spec[0], **spec[1])
 
 
-def greedy(model, prompt: torch.Tensor, new_tokens: int, pad_token_id: int | None) -> torch.Tensor:
+def greedy(model, prompt: torch.Tensor, new_tokens: int, pad_token_id: int | None, cache: str) -> torch.Tensor:
+    """``cache``: "dynamic" (DynamicCache, eager decode) or "static" (StaticCache: on CUDA, transformers compiles the
+    decode step, CUDA graphs included)."""
+    static = {"cache_implementation": "static"} if cache == "static" else {}
     # min_new_tokens holds the length fixed (no early end of sequence), so every method does the same work.
     return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id)  # fmt: skip
+                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id, **static)  # fmt: skip
 
 
-def timed_generate(model, prompt, new_tokens: int, pad_token_id) -> float:
+def timed_generate(model, prompt, new_tokens: int, pad_token_id, cache: str) -> float:
     torch.cuda.synchronize()
     start = time.perf_counter()
-    greedy(model, prompt, new_tokens, pad_token_id)
+    greedy(model, prompt, new_tokens, pad_token_id, cache)
     torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def generate_row(model, prompt, pad_token_id, name: str, args) -> dict:
+def generate_row(model, prompt, pad_token_id, name: str, cache: str, args) -> dict:
     lengths = {"prefill": 1, "decode": 1 + args.new_tokens}
+    # Compiled decode: a fresh dynamo state per method, so switching methods never runs into the recompile limit.
+    torch._dynamo.reset()
     with attention_method(model, name):
         implementation = model.config._attn_implementation
-        for new_tokens in lengths.values():  # warm-up: Triton JIT, allocator
-            timed_generate(model, prompt, new_tokens, pad_token_id)
+        for new_tokens in lengths.values():  # warm-up: Triton JIT, compilation, allocator
+            timed_generate(model, prompt, new_tokens, pad_token_id, cache)
         torch.cuda.reset_peak_memory_stats()
-        runs = {key: [timed_generate(model, prompt, n, pad_token_id) for _ in range(args.e2e_runs)]
+        runs = {key: [timed_generate(model, prompt, n, pad_token_id, cache) for _ in range(args.e2e_runs)]
                 for key, n in lengths.items()}  # fmt: skip
         peak = torch.cuda.max_memory_allocated()
     prefill_s, total_s = statistics.median(runs["prefill"]), statistics.median(runs["decode"])
@@ -474,19 +480,21 @@ def generate_row(model, prompt, pad_token_id, name: str, args) -> dict:
 
 
 def throughput_rows(model, prompt, pad_token_id, label: str, args, report: dict) -> None:
-    baseline = None
-    for name in args.e2e_methods:
-        row = {"model": label, "prompt_tokens": prompt.shape[1], "new_tokens": args.new_tokens, "method": name}
-        row.update(guarded(functools.partial(generate_row, model, prompt, pad_token_id, name, args)))
-        if name == "sdpa" and "error" not in row:
-            baseline = row
-        if baseline is not None and "error" not in row:
-            row["decode_speedup_vs_sdpa"] = baseline["decode_ms_per_token"] / row["decode_ms_per_token"]
-            row["prefill_speedup_vs_sdpa"] = baseline["prefill_ms"] / row["prefill_ms"]
-        report["e2e"].append(row)
-        print(json.dumps({key: value for key, value in row.items() if key != "runs_s"}), flush=True)
-        torch.cuda.empty_cache()
-        write_report(report, args.out_dir)
+    for cache in args.e2e_caches:
+        baseline = None
+        for name in args.e2e_methods:
+            row = {"model": label, "prompt_tokens": prompt.shape[1], "new_tokens": args.new_tokens, "method": name,
+                   "cache": cache}  # fmt: skip
+            row.update(guarded(functools.partial(generate_row, model, prompt, pad_token_id, name, cache, args)))
+            if name == "sdpa" and "error" not in row:
+                baseline = row
+            if baseline is not None and "error" not in row:
+                row["decode_speedup_vs_sdpa"] = baseline["decode_ms_per_token"] / row["decode_ms_per_token"]
+                row["prefill_speedup_vs_sdpa"] = baseline["prefill_ms"] / row["prefill_ms"]
+            report["e2e"].append(row)
+            print(json.dumps({key: value for key, value in row.items() if key != "runs_s"}), flush=True)
+            torch.cuda.empty_cache()
+            write_report(report, args.out_dir)
 
 
 def first_difference(reference: list[int], tokens: list[int]) -> int | None:
@@ -499,24 +507,27 @@ def first_difference(reference: list[int], tokens: list[int]) -> int | None:
 
 def token_check_rows(model, prompt, pad_token_id, label: str, reference_name: str, args, report: dict,
                      note: str = "") -> None:  # fmt: skip
-    """Greedy new tokens of each TOKEN_CHECK_METHODS patch against the model's current implementation."""
+    """Greedy new tokens of each TOKEN_CHECK_METHODS patch, with each of --e2e-cache, against the model's current
+    implementation with a DynamicCache."""
 
-    def new_tokens() -> list[int]:
-        return greedy(model, prompt, args.check_tokens, pad_token_id)[0, prompt.shape[1] :].tolist()
+    def new_tokens(cache: str) -> list[int]:
+        return greedy(model, prompt, args.check_tokens, pad_token_id, cache)[0, prompt.shape[1] :].tolist()
 
     base = {"model": label, "prompt_tokens": prompt.shape[1], "new_tokens": args.check_tokens,
             "reference": reference_name, "note": note}  # fmt: skip
     try:
-        reference = new_tokens()
+        reference = new_tokens("dynamic")
     except Exception as exc:  # noqa: BLE001 - no reference, no comparison
         torch.cuda.empty_cache()
         report["token_check"].append({**base, "method": reference_name, "error": describe_error(exc)})
         return
-    for name in (name for name in TOKEN_CHECK_METHODS if name in args.e2e_methods):
-        row = {**base, "method": name}
+    methods = [name for name in TOKEN_CHECK_METHODS if name in args.e2e_methods]
+    for cache, name in itertools.product(args.e2e_caches, methods):
+        row = {**base, "method": name, "cache": cache}
+        torch._dynamo.reset()
         try:
             with attention_method(model, name):
-                tokens = new_tokens()
+                tokens = new_tokens(cache)
         except Exception as exc:  # noqa: BLE001 - see guarded
             torch.cuda.empty_cache()
             row["error"] = describe_error(exc)
@@ -670,10 +681,11 @@ def kernel_tables(rows: list[dict]) -> list[str]:
 
 
 def e2e_table(rows: list[dict]) -> list[str]:
-    header = ["model", "prompt", "method", "attention", "prefill ms", "decode ms/token", "decode tok/s",
+    header = ["model", "prompt", "cache", "method", "attention", "prefill ms", "decode ms/token", "decode tok/s",
               "decode vs sdpa", "prefill vs sdpa", "peak GiB"]  # fmt: skip
     body = [
-        [row["model"], str(row["prompt_tokens"]), row["method"], row.get("attn_implementation", "error"),
+        [row["model"], str(row["prompt_tokens"]), row.get("cache", "dynamic"), row["method"],
+         row.get("attn_implementation", "error"),
          number(row.get("prefill_ms"), ".1f"), number(row.get("decode_ms_per_token"), ".2f"),
          number(row.get("decode_tokens_per_s"), ".1f"), number(row.get("decode_speedup_vs_sdpa"), ".2f", "x"),
          number(row.get("prefill_speedup_vs_sdpa"), ".2f", "x"), number(row.get("peak_gib"), ".2f")]
@@ -684,7 +696,7 @@ def e2e_table(rows: list[dict]) -> list[str]:
 
 def token_check_line(row: dict) -> str:
     where = f"{row['model']}, {row['prompt_tokens']}-token prompt, {row['new_tokens']} greedy new tokens"
-    pair = f"{row['reference']} vs {row['method']}"
+    pair = f"{row['reference']} vs {row['method']} ({row.get('cache', 'dynamic')} cache)"
     if "error" in row:
         return f"{where}, {pair}: error (see Errors)"
     verdict = "identical" if row["identical"] else f"differ from new token {row['first_difference']}"
@@ -740,8 +752,10 @@ def render_markdown(report: dict) -> str:
         lines += ["", "## End-to-end greedy `generate()`", ""]
         lines.append(
             "prefill ms = median time of `generate(max_new_tokens=1)`; decode = (t(N + 1 new tokens) - t(1)) / N with "
-            "N new tokens, medians of the runs after one warm-up; speed-ups are sdpa / method; peak GiB = peak "
-            "allocated during the timed runs, weights and KV cache included."
+            "N new tokens, medians of the runs after one warm-up; speed-ups are sdpa / method with the same cache; "
+            "peak GiB = peak allocated during the timed runs, weights and KV cache included. Cache `static`: a "
+            "StaticCache, whose decode step transformers compiles (`torch.compile`, mode `reduce-overhead`: CUDA "
+            "graphs); the warm-up includes the compilation."
         )
         lines += ["", *e2e_table(report["e2e"])]
     if report["token_check"]:
@@ -836,8 +850,8 @@ def merge_reports(paths: list[Path]) -> dict:
             raise SystemExit(f"refusing to merge runs with different {field}: {sorted(values)}")
     keys = {"rows": lambda row: tuple(row[field] for field in ("batch", "seq_k", "q_heads", "kv_heads", "head_dim",
                                                                  "seq_q", "dtype")),
-            "e2e": lambda row: (row["model"], row["method"]),
-            "token_check": lambda row: (row["model"], row["method"])}  # fmt: skip
+            "e2e": lambda row: (row["model"], row["method"], row.get("cache", "dynamic")),
+            "token_check": lambda row: (row["model"], row["method"], row.get("cache", "dynamic"))}  # fmt: skip
     merged = {part: {} for part in keys}
     for report in reports:
         for part, key in keys.items():
@@ -877,7 +891,8 @@ def print_plan(args) -> None:
                    "llama8b": f"random Llama-3.1-8B shapes, {args.llama_layers} layers, "
                               f"{args.llama_prompt}-token random prompt"}  # fmt: skip
         print(f"generate(): {'; '.join(prompts[m] for m in args.e2e_models)}; methods {', '.join(args.e2e_methods)}; "
-              f"{args.new_tokens} new tokens, median of {args.e2e_runs} runs after one warm-up")  # fmt: skip
+              f"{', '.join(args.e2e_caches)} cache; {args.new_tokens} new tokens, median of {args.e2e_runs} runs "
+              "after one warm-up")  # fmt: skip
         print(f"token check: {args.check_tokens} greedy tokens, SmolLM2 at {args.check_prompt} tokens vs eager, "
               f"the 8B shapes at {args.llama_prompt} vs sdpa; methods "
               f"{', '.join(m for m in TOKEN_CHECK_METHODS if m in args.e2e_methods)}")  # fmt: skip
@@ -950,6 +965,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e2e.add_argument("--e2e-only", action="store_true", help="generate() and the token check only")
     e2e.add_argument("--e2e-models", nargs="+", choices=E2E_MODELS, default=list(E2E_MODELS))
     e2e.add_argument("--e2e-methods", nargs="+", choices=list(E2E_METHODS), default=list(E2E_METHODS))
+    e2e.add_argument(
+        "--e2e-cache",
+        dest="e2e_caches",
+        nargs="+",
+        choices=E2E_CACHES,
+        default=["dynamic"],
+        help="static: a StaticCache, whose decode steps transformers compiles on CUDA (CUDA graphs)",
+    )
     e2e.add_argument("--new-tokens", type=int, default=64, metavar="N", help="decode tokens/s over N new tokens")
     e2e.add_argument("--e2e-runs", type=int, default=3, help="timed runs per length (median), after one warm-up")
     e2e.add_argument("--smollm2-prompt", type=int, default=8192, metavar="N")
