@@ -497,6 +497,23 @@ def test_greedy_generate_matches_eager(arch_name, spy):
         assert all(has_padding and causal for _, _, has_padding, causal in spy.kernel_fwd)
 
 
+def assert_generates_like_eager(arch: Arch, eager, fast, spy, **fast_cache) -> None:
+    """4 greedy tokens from a left-padded 40-token prompt (decode over several key tiles): ``fast`` with
+    ``fast_cache`` (the cache arguments of ``generate``) gives eager's tokens and logits. The spy counts only
+    ``fast``'s calls."""
+    inputs = make_inputs(arch, "left", seq=40, seed=5)
+    kwargs = {
+        **inputs, "max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "pad_token_id": PAD_ID,
+        "return_dict_in_generate": True, "output_logits": True,
+    }  # fmt: skip
+    expected = eager.generate(**kwargs, past_key_values=DynamicCache(config=eager.config))
+    spy.reset()
+    actual = fast.generate(**kwargs, **fast_cache)
+    torch.testing.assert_close(actual.sequences, expected.sequences, atol=0, rtol=0)
+    for step, (a, e) in enumerate(zip(actual.logits, expected.logits)):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4, msg=lambda m, s=step: f"step {s}: {m}")
+
+
 @pytest.mark.parametrize(
     ("method", "decode"), [("dense", "off"), ("dense", "single"), ("dense", "split"), ("lean", None), ("bsfa", None)]
 )
@@ -509,17 +526,7 @@ def test_greedy_generate_per_decode_strategy(method, decode, spy):
     if decode is not None:
         config["decode"] = decode
     hf_fastattn.patch(fast, method, **config)
-    inputs = make_inputs(arch, "left", seq=40, seed=5)
-    kwargs = {
-        **inputs, "max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "pad_token_id": PAD_ID,
-        "return_dict_in_generate": True, "output_logits": True,
-    }  # fmt: skip
-    expected = eager.generate(**kwargs, past_key_values=DynamicCache(config=eager.config))
-    spy.reset()
-    actual = fast.generate(**kwargs, past_key_values=DynamicCache(config=fast.config))
-    torch.testing.assert_close(actual.sequences, expected.sequences, atol=0, rtol=0)
-    for step, (a, e) in enumerate(zip(actual.logits, expected.logits)):
-        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4, msg=lambda m, s=step: f"step {s}: {m}")
+    assert_generates_like_eager(arch, eager, fast, spy, past_key_values=DynamicCache(config=fast.config))
     if interpreter_enabled():
         expected_strategy = {"off": None, None: "streamk" if method == "lean" else "single"}.get(decode, decode)
         steps = arch.num_layers * 3
@@ -534,17 +541,7 @@ def test_greedy_generate_with_static_cache(method, spy):
     arch = ARCHS["llama"]
     eager, fast = build_pair(arch)
     hf_fastattn.patch(fast, method)
-    inputs = make_inputs(arch, "left", seq=40, seed=5)
-    kwargs = {
-        **inputs, "max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "pad_token_id": PAD_ID,
-        "return_dict_in_generate": True, "output_logits": True,
-    }  # fmt: skip
-    expected = eager.generate(**kwargs, past_key_values=DynamicCache(config=eager.config))
-    spy.reset()
-    actual = fast.generate(**kwargs, cache_implementation="static")
-    torch.testing.assert_close(actual.sequences, expected.sequences, atol=0, rtol=0)
-    for step, (a, e) in enumerate(zip(actual.logits, expected.logits)):
-        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4, msg=lambda m, s=step: f"step {s}: {m}")
+    assert_generates_like_eager(arch, eager, fast, spy, cache_implementation="static")
     assert spy.fallbacks == arch.num_layers  # the prefill only
     if interpreter_enabled():
         decode_keys = {k_shape[2] for _, k_shape, _, _ in spy.kernel_fwd}
