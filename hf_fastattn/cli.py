@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import os
 import platform
 import subprocess
@@ -76,10 +75,12 @@ def _last_hidden(model, ids, mask):
 
 def _cached_step_hidden(model, ids, mask):
     """Hidden states of the last two tokens, fed as one step after a cached prefill of the others."""
+    from hf_fastattn._compat import cache_argument, output_cache
+
     prefill = model(ids[:, :-2], attention_mask=mask[:, :-2], use_cache=True)
-    # transformers 5.24 renamed `past_key_values` to `cache` (the old name goes in 5.40); take whichever forward has.
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    step = model(ids[:, -2:], attention_mask=mask, output_hidden_states=True, **{name: getattr(prefill, name)})
+    step = model(
+        ids[:, -2:], attention_mask=mask, output_hidden_states=True, **cache_argument(model, output_cache(prefill))
+    )
     return step.hidden_states[-1]
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import hf_fastattn.dispatch
+from hf_fastattn._compat import cache_argument
 from hf_fastattn.artifacts import CONFIG_NAME
 
 
@@ -60,8 +61,8 @@ def greedy_generate_pair(model, reference, input_ids, attention_mask, *, new_tok
         "output_logits": True,
     }  # fmt: skip
     with torch.no_grad():
-        actual = model.generate(**kwargs, past_key_values=DynamicCache(config=model.config))
-        expected = reference.generate(**kwargs, past_key_values=DynamicCache(config=reference.config))
+        actual = model.generate(**kwargs, **cache_argument(model, DynamicCache(config=model.config)))
+        expected = reference.generate(**kwargs, **cache_argument(reference, DynamicCache(config=reference.config)))
     return actual, expected
 
 

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 import hf_fastattn
 import hf_fastattn.dispatch
 import hf_fastattn.methods.bsfa as bsfa_method
+from hf_fastattn._compat import cache_argument
 from hf_fastattn.evaluation.records import attention_summary, reset_attention_statistics
 
 pytestmark = pytest.mark.skipif(
@@ -186,7 +187,7 @@ def test_decode_steps_do_not_count_tiles(monkeypatch):
     with torch.no_grad():
         model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False,
-            pad_token_id=PAD_ID, past_key_values=DynamicCache(config=model.config),
+            pad_token_id=PAD_ID, **cache_argument(model, DynamicCache(config=model.config)),
         )  # fmt: skip
     assert spy.bsfa == [40] * LAYERS and spy.decode == [1] * (LAYERS * 2) and spy.dense == []
     visited, skippable = tile_counts(40)
@@ -201,9 +202,9 @@ def test_bsfa_decode_step_reads_absolute_positions():
     hf_fastattn.patch(model, "bsfa", thresholds=HIGH, block_m=BLOCK, block_n=BLOCK, min_query_len=1, decode="off")
     ids, mask = prompt(seq=33, pad=5, seed=4)
     cache = DynamicCache(config=model.config)
-    logits(model, ids[:, :32], mask[:, :32], past_key_values=cache, use_cache=True)
+    logits(model, ids[:, :32], mask[:, :32], **cache_argument(model, cache), use_cache=True)
     reset_attention_statistics(model)
-    step = logits(model, ids[:, 32:], mask, past_key_values=cache, use_cache=True)[:, -1]
+    step = logits(model, ids[:, 32:], mask, **cache_argument(model, cache), use_cache=True)[:, -1]
     # The step's query tile (position 2) visits key tiles 0-2 and may skip tile 1: 3 visited, 1 skipped per head.
     assert bsfa_tiles(model) == [{"visited": 2 * HEADS * 3, "skippable": 2 * HEADS, "skipped": 2 * HEADS}] * LAYERS
     full = logits(model, ids, mask, use_cache=False)[:, -1]

@@ -30,6 +30,7 @@ import hf_fastattn
 import hf_fastattn.dispatch
 import hf_fastattn.ops.seer.attention as seer_attention
 from hf_fastattn import ArtifactError
+from hf_fastattn._compat import cache_argument
 from hf_fastattn.artifacts import TENSORS_NAME
 from hf_fastattn.methods import seer
 from hf_fastattn.ops.dense import dense_attention_reference
@@ -520,9 +521,9 @@ def test_chunked_prefill_runs_the_dense_kernel(monkeypatch, caplog):
     spy = Spy(monkeypatch)
     ids, _ = prompt(seq=64)
     cache = DynamicCache(config=model.config)
-    first = output(model, ids[:, :40], None, past_key_values=cache, use_cache=True)
+    first = output(model, ids[:, :40], None, **cache_argument(model, cache), use_cache=True)
     counts = statistics(model)
-    second = output(model, ids[:, 40:], None, past_key_values=cache, use_cache=True)
+    second = output(model, ids[:, 40:], None, **cache_argument(model, cache), use_cache=True)
     assert [call["q"].shape[2] for call in spy.sparse] == [40] * LAYERS
     assert [(call["q"].shape[2], call["k"].shape[2]) for call in spy.dense] == [(24, 64)] * LAYERS
     assert spy.decode == [] and spy.fallbacks == 0 and warnings_of(caplog) == []

@@ -37,6 +37,7 @@ import hf_fastattn.dispatch
 import hf_fastattn.methods.dense
 import hf_fastattn.ops.decode.attention
 import hf_fastattn.ops.dense.attention
+from hf_fastattn._compat import cache_argument
 from hf_fastattn.ops._runtime import interpreter_enabled
 
 # transformers' own fp32 tolerances for attention-implementation equivalence tests.
@@ -475,10 +476,10 @@ def test_greedy_generate_matches_eager(arch_name, spy):
         "output_logits": True,
     }
 
-    expected = eager.generate(**kwargs, past_key_values=DynamicCache(config=eager.config))
+    expected = eager.generate(**kwargs, **cache_argument(eager, DynamicCache(config=eager.config)))
     spy.reset()
     fast_cache = DynamicCache(config=fast.config)
-    actual = fast.generate(**kwargs, past_key_values=fast_cache)
+    actual = fast.generate(**kwargs, **cache_argument(fast, fast_cache))
 
     assert actual.sequences.shape == (3, PROMPT + 6)
     torch.testing.assert_close(actual.sequences, expected.sequences, atol=0, rtol=0)
@@ -506,7 +507,7 @@ def assert_generates_like_eager(arch: Arch, eager, fast, spy, **fast_cache) -> N
         **inputs, "max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "pad_token_id": PAD_ID,
         "return_dict_in_generate": True, "output_logits": True,
     }  # fmt: skip
-    expected = eager.generate(**kwargs, past_key_values=DynamicCache(config=eager.config))
+    expected = eager.generate(**kwargs, **cache_argument(eager, DynamicCache(config=eager.config)))
     spy.reset()
     actual = fast.generate(**kwargs, **fast_cache)
     torch.testing.assert_close(actual.sequences, expected.sequences, atol=0, rtol=0)
@@ -526,7 +527,7 @@ def test_greedy_generate_per_decode_strategy(method, decode, spy):
     if decode is not None:
         config["decode"] = decode
     hf_fastattn.patch(fast, method, **config)
-    assert_generates_like_eager(arch, eager, fast, spy, past_key_values=DynamicCache(config=fast.config))
+    assert_generates_like_eager(arch, eager, fast, spy, **cache_argument(fast, DynamicCache(config=fast.config)))
     if interpreter_enabled():
         expected_strategy = {"off": None, None: "streamk" if method == "lean" else "single"}.get(decode, decode)
         steps = arch.num_layers * 3
@@ -570,14 +571,14 @@ def test_static_cache_decode_compiles_fullgraph(spy):
     decode_step = torch.compile(fast.forward, backend="aot_eager", fullgraph=True)
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        logits = fast(input_ids=ids, attention_mask=mask, past_key_values=cache, position_ids=positions).logits
+        logits = fast(input_ids=ids, attention_mask=mask, **cache_argument(fast, cache), position_ids=positions).logits
         tokens = [logits[:, -1].argmax(-1, keepdim=True)]
         spy.reset()
         for _ in range(new_tokens - 1):
             mask = torch.cat([mask, torch.ones_like(tokens[-1])], dim=1)
             positions = positions[:, -1:] + 1
             logits = decode_step(
-                input_ids=tokens[-1], attention_mask=mask, past_key_values=cache, position_ids=positions
+                input_ids=tokens[-1], attention_mask=mask, **cache_argument(fast, cache), position_ids=positions
             ).logits
             tokens.append(logits[:, -1].argmax(-1, keepdim=True))
     torch.testing.assert_close(torch.cat(tokens, dim=1), expected, atol=0, rtol=0)
@@ -602,7 +603,7 @@ def test_cached_decode_matches_full_forward(arch_name, spy):
     with torch.no_grad():
         step_logits = {
             key: models[key](
-                input_ids=ids, attention_mask=attention, past_key_values=caches[key], use_cache=True
+                input_ids=ids, attention_mask=attention, **cache_argument(models[key], caches[key]), use_cache=True
             ).logits
             for key in models
         }
@@ -617,7 +618,10 @@ def test_cached_decode_matches_full_forward(arch_name, spy):
             spy.reset()
             step_logits = {
                 key: models[key](
-                    input_ids=chunk, attention_mask=attention, past_key_values=caches[key], use_cache=True
+                    input_ids=chunk,
+                    attention_mask=attention,
+                    **cache_argument(models[key], caches[key]),
+                    use_cache=True,
                 ).logits
                 for key in models
             }

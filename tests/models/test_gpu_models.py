@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 import hf_fastattn  # noqa: F401  (registers fastattn_dense)
+from hf_fastattn._compat import cache_argument, output_cache
 
 pytestmark = pytest.mark.gpu
 
@@ -98,9 +99,9 @@ def test_cached_decode_matches_full_forward(models):
     prompt, steps = 1024, 6
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        out = model(ids[:, :prompt], attention_mask=mask[:, :prompt], past_key_values=cache, use_cache=True)
+        out = model(ids[:, :prompt], attention_mask=mask[:, :prompt], **cache_argument(model, cache), use_cache=True)
         for step in range(steps):
             end = prompt + step + 1
-            out = model(ids[:, end - 1 : end], attention_mask=mask[:, :end], past_key_values=out.past_key_values)
+            out = model(ids[:, end - 1 : end], attention_mask=mask[:, :end], **cache_argument(model, output_cache(out)))
             full = model(ids[:, :end], attention_mask=mask[:, :end]).logits[:, -1]
             torch.testing.assert_close(out.logits[:, -1].float(), full.float(), atol=3e-2, rtol=3e-2)
