@@ -790,7 +790,7 @@ def test_to_block_mask_layout_and_mask_mod(seq_q, seq_k, causal, mask_heads):
     """The exported BlockMask holds the selection per query head, and its semantics (blocks, then ``mask_mod`` on
     partial blocks) give our kernel's output. Eager FlexAttention honours only ``mask_mod`` (the block lists merely
     skip work in the fused kernel), so the eager check spells the block structure out as one more ``mask_mod``."""
-    from torch.nn.attention.flex_attention import BlockMask, and_masks, flex_attention
+    from torch.nn.attention.flex_attention import AuxRequest, BlockMask, and_masks, flex_attention
 
     q_heads = 2
     q, k, v, _, selection, block_mask = flex_inputs(seq_q, seq_k, causal, mask_heads=mask_heads, q_heads=q_heads)
@@ -815,7 +815,10 @@ def test_to_block_mask_layout_and_mask_mod(seq_q, seq_k, causal, mask_heads):
         block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks, block_mask.full_kv_indices,
         BLOCK_SIZE=16, mask_mod=and_masks(block_mask.mask_mod, selected_block), seq_lengths=(seq_q, seq_k),
     )  # fmt: skip
-    flex_out, flex_lse = flex_attention(q, k, v, block_mask=eager_mask, enable_gqa=True, return_lse=True)
+    flex_out, flex_aux = flex_attention(
+        q, k, v, block_mask=eager_mask, enable_gqa=True, return_aux=AuxRequest(lse=True)
+    )
+    flex_lse = flex_aux.lse
     out, lse = block_sparse_attention(q, k, v, selection, causal=causal, return_lse=True)
     torch.testing.assert_close(out, flex_out, atol=FLEX_TOL, rtol=FLEX_TOL)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(flex_lse)) and torch.isneginf(lse).any()
