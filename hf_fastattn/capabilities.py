@@ -14,6 +14,16 @@ MASK_BOOL_4D = "bool_4d"
 MASK_ADDITIVE_4D = "additive_4d"
 MASK_BLOCK_MASK = "block_mask"
 MASK_OTHER = "other"
+# What each kind usually means, for the fallback warning.
+MASK_KIND_MEANINGS = {
+    MASK_BOOL_4D: (
+        "a materialised mask: sliding window, packed sequences, a custom mask function, or several queries against a "
+        "static cache"
+    ),
+    MASK_ADDITIVE_4D: "a float mask added to the scores",
+    MASK_BLOCK_MASK: "a FlexAttention BlockMask",
+    MASK_OTHER: "a shape no kernel reads",
+}
 
 
 # The per-layer ``decode`` setting every method accepts: a decode-kernel strategy, or "off" (the method's own kernel).
@@ -57,7 +67,7 @@ class Capabilities:
         if not scale > 0.0:
             return f"softmax scale {scale:g} (kernels need a positive scale)"
         if mask_kind not in self.masks:
-            return f"attention mask of kind '{mask_kind}'"
+            return f"attention mask of kind '{mask_kind}' ({MASK_KIND_MEANINGS.get(mask_kind, 'unrecognised')})"
         if dropout > 0.0 and not self.dropout:
             return f"attention dropout {dropout:g} while training"
         if query.shape[-1] not in self.head_dims:
