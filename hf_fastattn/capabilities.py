@@ -16,6 +16,8 @@ MASK_BLOCK_MASK = "block_mask"
 MASK_OTHER = "other"
 # What each kind usually means, for the fallback warning.
 MASK_KIND_MEANINGS = {
+    MASK_NONE: "no mask",
+    MASK_KEY_PADDING: "a (batch, keys) padding mask",
     MASK_BOOL_4D: (
         "a materialised mask: sliding window, packed sequences, a custom mask function, or several queries against a "
         "static cache"
@@ -67,7 +69,7 @@ class Capabilities:
         if not scale > 0.0:
             return f"softmax scale {scale:g} (kernels need a positive scale)"
         if mask_kind not in self.masks:
-            return f"attention mask of kind '{mask_kind}' ({MASK_KIND_MEANINGS.get(mask_kind, 'unrecognised')})"
+            return f"attention mask of kind '{mask_kind}' ({MASK_KIND_MEANINGS[mask_kind]})"
         if dropout > 0.0 and not self.dropout:
             return f"attention dropout {dropout:g} while training"
         if query.shape[-1] not in self.head_dims:
