@@ -273,7 +273,7 @@ def test_fp8_modes_reach_the_fp8_forward(monkeypatch):
     monkeypatch.setattr(dense_method, "dense_attention_fp8", spy)
     monkeypatch.setattr(dense_method, "dense_attention_fp8_reference", spy)
     for mode, smooth_q in ((True, False), ("accurate", True)):
-        model = tiny_llama()
+        model = tiny_llama().cpu()  # fp32: on a GPU it would fall back before reaching either FP8 entry
         hf_fastattn.patch(model, "dense", fp8=mode)
         calls.clear()
         with torch.no_grad():

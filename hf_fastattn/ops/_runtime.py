@@ -26,6 +26,14 @@ def autotune_enabled() -> bool:
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
+def key_padding_bytes(key_padding: torch.Tensor | None) -> torch.Tensor | None:
+    """A ``(B, S_kv)`` bool key mask as the uint8 bytes the kernels load. Eager calls reinterpret it (free); under
+    torch.compile a cast, because inductor cannot lower a bool-to-uint8 ``view`` (torch 2.11)."""
+    if key_padding is None:
+        return None
+    return key_padding.to(torch.uint8) if torch.compiler.is_compiling() else key_padding.view(torch.uint8)
+
+
 def triton_supports(device: torch.device) -> bool:
     """Whether the Triton kernels can run on tensors living on ``device``."""
     if not TRITON_INSTALLED:

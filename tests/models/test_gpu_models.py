@@ -12,7 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
-import hf_fastattn  # noqa: F401  (registers fastattn_dense)
+import hf_fastattn
+import hf_fastattn.dispatch
+import hf_fastattn.ops.decode.attention
 from hf_fastattn._compat import cache_argument, output_cache
 
 pytestmark = pytest.mark.gpu
@@ -105,3 +107,39 @@ def test_cached_decode_matches_full_forward(models):
             out = model(ids[:, end - 1 : end], attention_mask=mask[:, :end], **cache_argument(model, output_cache(out)))
             full = model(ids[:, :end], attention_mask=mask[:, :end]).logits[:, -1]
             torch.testing.assert_close(out.logits[:, -1].float(), full.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("method", ["dense", "lean"])
+def test_static_cache_generate_matches_full_forward(models, method, monkeypatch):
+    """generate() with a StaticCache compiles the decode step on CUDA (CUDA graphs, transformers' default compile
+    config). Our decode kernels run inside it, and every generated step's logits equal one uncached forward over the
+    generated sequence (teacher forcing, so a near-tie token cannot make the comparison flaky)."""
+    decode_module = hf_fastattn.ops.decode.attention
+    calls = {"decode": 0, "fallback": 0}
+
+    def count(name, function):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(decode_module, "decode_fwd", count("decode", decode_module.decode_fwd))
+    monkeypatch.setattr(hf_fastattn.dispatch, "sdpa_fallback", count("fallback", hf_fastattn.dispatch.sdpa_fallback))
+    model = models["bf16_sdpa"]
+    ids, mask = left_padded_batch(700, pads=(0, 9, 130))
+    new_tokens = 12
+    torch._dynamo.reset()
+    with torch.no_grad(), hf_fastattn.use(model, method):
+        generated = model.generate(
+            input_ids=ids, attention_mask=mask, cache_implementation="static", max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+            output_logits=True,
+        )  # fmt: skip
+        sequences = generated.sequences
+        full_mask = torch.cat([mask, torch.ones_like(sequences[:, ids.shape[1] :])], dim=1)
+        full = model(sequences, attention_mask=full_mask).logits[:, ids.shape[1] - 1 : -1]
+    assert calls["decode"] > 0, "the decode kernels never ran"
+    assert calls["fallback"] == SMOLLM2_SHAPED.num_hidden_layers  # the prefill only, run once (not compiled)
+    stepped = torch.stack(generated.logits, dim=1)
+    torch.testing.assert_close(stepped.float(), full.float(), atol=3e-2, rtol=3e-2)

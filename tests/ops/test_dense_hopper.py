@@ -99,7 +99,8 @@ def test_tma_path_equals_pointer_path(monkeypatch, head_dim, causal, pad):
     pointer, tma = run("0"), run("1")
     for name, got, expected in zip(["out", "lse", "dq", "dk", "dv"], tma, pointer):
         if HAS_CUDA:  # on a GPU the autotuner may pick another tile per path: compare within rounding instead
-            assert max_err(got, expected) <= 2e-2, name
+            # (assert_close, not a max difference: a row that sees no key has LSE -inf in both, and -inf - -inf is nan)
+            torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=0, msg=name)
         else:
             assert torch.equal(got, expected), name
 

@@ -16,6 +16,7 @@ from .._runtime import (
     autotune_enabled,
     check_tile_size,
     interpreter_enabled,
+    key_padding_bytes,
     next_power_of_2,
     patch_interpreter_low_precision,
 )
@@ -175,7 +176,7 @@ def bsfa_attention(
     ``-inf`` keeps every tile (dense attention); ``+inf`` keeps only the diagonal tiles and the first tile.
     """
     thresholds, key_padding, scale = check_bsfa_inputs(q, k, v, thresholds, key_padding, scale, block_m, block_n)
-    kpad = None if key_padding is None else key_padding.view(torch.uint8)
+    kpad = key_padding_bytes(key_padding)
     out, lse, stats, tile_max = _bsfa_fwd_op(
         q, k, v, kpad, thresholds, bool(causal), scale, int(block_m), int(block_n), bool(record_tile_max)
     )

@@ -23,7 +23,14 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .._runtime import check_tile_size, ensure_triton_allocator, interpreter_enabled, next_power_of_2, tma_usable
+from .._runtime import (
+    check_tile_size,
+    ensure_triton_allocator,
+    interpreter_enabled,
+    key_padding_bytes,
+    next_power_of_2,
+    tma_usable,
+)
 from ..dense.attention import check_attention_inputs, empty_hf_output, key_padding_arg, unit_last_stride
 from .kernels import _combine_kernel, _split_kv_kernel, _streamk_kernel
 
@@ -367,7 +374,7 @@ def decode_attention(
     key_padding, scale = check_attention_inputs(q, k, v, key_padding, scale, "decode_attention")
     if not 1 <= q.shape[2] <= k.shape[2]:
         raise ValueError(f"decode_attention needs 1 <= S_q <= S_kv, got S_q={q.shape[2]}, S_kv={k.shape[2]}")
-    key_padding = None if key_padding is None else key_padding.view(torch.uint8)
+    key_padding = key_padding_bytes(key_padding)
     if torch.compiler.is_compiling():
         return _decode_fwd_op(q, k, v, key_padding, scale, strategy, _tuning_values(tuning))
     # Eager decode runs once per layer and token, and its kernel takes microseconds: skip the custom op's dispatch.

@@ -13,6 +13,7 @@ from .._runtime import (
     autotune_enabled,
     ensure_triton_allocator,
     interpreter_enabled,
+    key_padding_bytes,
     next_power_of_2,
     patch_interpreter_low_precision,
     tma_usable,
@@ -306,6 +307,6 @@ def dense_attention(
     the softmax exponentials on the FMA units (max relative error 7.5e-5 on the exponential).
     """
     key_padding, scale = check_attention_inputs(q, k, v, key_padding, scale, "dense_attention")
-    key_padding = None if key_padding is None else key_padding.view(torch.uint8)
+    key_padding = key_padding_bytes(key_padding)
     out, lse = _dense_fwd_op(q, k, v, key_padding, bool(causal), scale, fast_exp_mode(fast_exp))
     return (out, lse) if return_lse else out

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import ensure_triton_allocator, interpreter_enabled, next_power_of_2, tma_usable
+from .._runtime import ensure_triton_allocator, interpreter_enabled, key_padding_bytes, next_power_of_2, tma_usable
 from .attention import check_attention_inputs, empty_hf_output, key_padding_arg, unit_last_stride
 from .fwd import LOG2E, attn_fwd_finish, attn_fwd_key_range, attn_fwd_scores, attn_fwd_update, row_tile_source
 from .naive import fp8_scale, hadamard_matrix
@@ -364,7 +364,7 @@ def dense_attention_fp8(
     k8, k_scales = quantize_blocks(k, block, rotation, k_mean)
     vt8, v_scales = quantize_channels_transposed(v)
     lse = torch.empty(batch, num_q_heads, seq_q, device=q.device, dtype=torch.float32)
-    kpad, stride_kpad = key_padding_arg(None if key_padding is None else key_padding.view(torch.uint8), q)
+    kpad, stride_kpad = key_padding_arg(key_padding_bytes(key_padding), q)
     kernel, launch = (_dense_fwd_fp8_kernel, {"num_warps": 4}) if interpreter_enabled() else (_fp8_tuned, {})
     kernel[(q_scales.shape[2], batch * num_q_heads)](
         q8, k8, vt8, q_scales, k_scales, v_scales, q_bias, kpad, out, lse,

@@ -13,6 +13,7 @@ from .._runtime import (
     autotune_enabled,
     check_tile_size,
     interpreter_enabled,
+    key_padding_bytes,
     next_power_of_2,
     patch_interpreter_low_precision,
 )
@@ -51,7 +52,7 @@ def _common(q, k, v, key_padding, scale, block_size, caller):
     key_padding, scale = check_attention_inputs(q, k, v, key_padding, scale, caller)
     check_tile_size("block_size", block_size)
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
-    kpad = None if key_padding is None else key_padding.view(torch.uint8)
+    kpad = key_padding_bytes(key_padding)
     return q, k, v, kpad, scale
 
 
