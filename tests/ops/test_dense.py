@@ -14,12 +14,19 @@ interpreter, so every shape here is small; the ``gpu``-marked tests cover realis
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given
 from hypothesis import strategies as st
 
 from hf_fastattn.ops.dense import SUPPORTED_HEAD_DIMS, dense_attention, dense_attention_reference
+from hf_fastattn.ops.dense import attention as dense_module
+from hf_fastattn.ops.dense.attention import schedule_sections, section_budget_bytes
+from hf_fastattn.ops.dense.fwd import schedule_tile
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -318,13 +325,8 @@ def test_dense_input_validation():
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "causal, seq_q, seq_k, pad",
-    [(True, 17, 17, "none"), (False, 33, 20, "holes"), (True, 40, 17, "full")],
-    ids=["causal-17x17", "bidir-33x20-holes", "causal-40x17-fullrow"],
-)
-def test_dense_writes_every_output_element(monkeypatch, causal, seq_q, seq_k, pad):
-    """Fill every buffer the launchers allocate with NaN: any element the kernels skip would surface as NaN."""
+def poison_allocations(monkeypatch) -> None:
+    """Every floating-point buffer from ``torch.empty`` / ``torch.empty_like`` comes filled with NaN."""
     real_empty, real_empty_like = torch.empty, torch.empty_like
 
     def poison(t):
@@ -335,10 +337,108 @@ def test_dense_writes_every_output_element(monkeypatch, causal, seq_q, seq_k, pa
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
     assert torch.isnan(torch.empty(2)).all()  # the poison is in place
+
+
+@pytest.mark.parametrize(
+    "causal, seq_q, seq_k, pad",
+    [(True, 17, 17, "none"), (False, 33, 20, "holes"), (True, 40, 17, "full")],
+    ids=["causal-17x17", "bidir-33x20-holes", "causal-40x17-fullrow"],
+)
+def test_dense_writes_every_output_element(monkeypatch, causal, seq_q, seq_k, pad):
+    """Fill every buffer the launchers allocate with NaN: any element the kernels skip would surface as NaN."""
+    poison_allocations(monkeypatch)
     key_padding = make_key_padding(pad, 2, seq_k, seed=1)
     out, lse, grads = check_against_reference(2, 2, 1, seq_q, seq_k, 32, causal, key_padding, torch.float16, seed=11)
     for t in (out, lse, *grads):
         assert not torch.isnan(t).any()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Causal schedule: the 1-D grid runs heads in sections, each section's heavy tiles first (fwd.schedule_tile)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _schedule_probe_kernel(Out, num_tiles, heads_per_section, first_section_heads):
+    rank, head = schedule_tile(num_tiles, heads_per_section, first_section_heads)
+    pid = tl.program_id(0)
+    tl.store(Out + 2 * pid, rank)
+    tl.store(Out + 2 * pid + 1, head)
+
+
+def probe_schedule(num_tiles: int, num_heads: int, heads_per_section: int, first_section_heads: int) -> list[tuple]:
+    """``(rank, head)`` of every program of the 1-D grid, in program order."""
+    out = torch.full((num_tiles * num_heads, 2), -1, dtype=torch.int32, device=DEVICE)
+    _schedule_probe_kernel[(num_tiles * num_heads,)](out, num_tiles, heads_per_section, first_section_heads)
+    return [tuple(pair) for pair in out.tolist()]
+
+
+def test_schedule_sections_sizes():
+    """As many heads per section as the budget holds, at least 1 and at most all; the remainder section first."""
+    assert schedule_sections(8, 100, 350) == (3, 2)
+    assert schedule_sections(9, 100, 300) == (3, 3)
+    assert schedule_sections(8, 100, 10**6) == (8, 8)
+    assert schedule_sections(8, 100, 99) == (1, 1)
+    assert schedule_sections(8, 100, 0) == (1, 1)  # no budget: one head per section, the head-major order
+    assert section_budget_bytes(torch.device("cpu")) == 0
+
+
+# (num_tiles, num_heads, heads the budget holds): uneven last sections, even ones, more than num_heads, one head.
+SCHEDULES = [(3, 8, 3), (5, 7, 3), (4, 6, 3), (2, 5, 9), (6, 2, 5), (3, 4, 1), (1, 3, 2), (4, 1, 1)]
+
+
+@pytest.mark.parametrize(
+    "num_tiles, num_heads, budget_heads", SCHEDULES, ids=["T{}-H{}-budget{}".format(*s) for s in SCHEDULES]
+)
+def test_schedule_covers_every_tile_heavy_first(num_tiles, num_heads, budget_heads):
+    heads_per_section, first_section_heads = schedule_sections(num_heads, 1, budget_heads)  # 1 byte per head
+    assert heads_per_section == min(budget_heads, num_heads)
+    order = probe_schedule(num_tiles, num_heads, heads_per_section, first_section_heads)
+    assert sorted(order) == list(itertools.product(range(num_tiles), range(num_heads))), "not every (rank, head) once"
+
+    # Sections of consecutive heads, the remainder first, each a contiguous run of programs.
+    bounds = [0, *range(first_section_heads, num_heads + 1, heads_per_section)]
+    assert bounds[1] == first_section_heads and bounds[-1] == num_heads
+    for lo, hi in itertools.pairwise(bounds):
+        section = order[lo * num_tiles : hi * num_tiles]
+        assert {head for _, head in section} == set(range(lo, hi)), f"section of heads [{lo}, {hi})"
+        ranks = [rank for rank, _ in section]
+        assert ranks == sorted(ranks), f"section of heads [{lo}, {hi}) starts a lighter tile before a heavier one"
+    if heads_per_section == 1:  # the head-major order of the former 2-D grid, which non-causal launches keep
+        assert order == [(pid % num_tiles, pid // num_tiles) for pid in range(num_tiles * num_heads)]
+
+
+@pytest.mark.parametrize(
+    "causal, seq_q, seq_k", [(True, 45, 45), (True, 21, 53), (False, 37, 29)],
+    ids=["causal-45x45", "causal-21x53", "bidir-37x29"],
+)  # fmt: skip
+def test_dense_causal_sections_match_reference(monkeypatch, causal, seq_q, seq_k):
+    """With an L2 budget cutting the heads into several uneven sections (on a GPU the budget comes from the device; here
+    it is 0, one head per section, unless patched), every kernel still computes every tile of every head, once."""
+    batch, q_heads, kv_heads, head_dim, dtype = 2, 8, 4, 32, torch.float16
+    # K and V of 12 query heads (groups of 2): forward and dQ sections of 12 of the 16 heads, after a first of 4.
+    budget = 12 * 2 * seq_k * head_dim * dtype.itemsize // (q_heads // kv_heads)
+    monkeypatch.setattr(dense_module, "section_budget_bytes", lambda device: budget)
+    schedules = []
+    real_schedule = dense_module._schedule
+
+    def recording_schedule(device, is_causal, num_heads, bytes_per_head):
+        sections = real_schedule(device, is_causal, num_heads, bytes_per_head)
+        schedules.append((num_heads, sections))
+        return sections
+
+    monkeypatch.setattr(dense_module, "_schedule", recording_schedule)
+    poison_allocations(monkeypatch)
+    out, lse, grads = check_against_reference(batch, q_heads, kv_heads, seq_q, seq_k, head_dim, causal, None, dtype)
+    for t in (out, lse, *grads):
+        assert not torch.isnan(t).any()
+
+    assert [num_heads for num_heads, _ in schedules] == [16, 8, 16]  # forward, dK/dV, dQ
+    for num_heads, (heads_per_section, first_section_heads) in schedules:
+        if causal:  # several sections, the first one shorter
+            assert 1 < heads_per_section < num_heads and first_section_heads < heads_per_section
+        else:
+            assert (heads_per_section, first_section_heads) == (1, 1)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ for tracing, and never synchronise with the host.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -99,6 +101,41 @@ def _launch(kernel, tuned, tiles, grid, *args, tma_ok: bool, **meta):
         kernel[grid(blocks)](*args, **meta, **blocks, num_warps=warps, num_stages=stages)
 
 
+@functools.cache
+def _cuda_l2_bytes(index: int) -> int:
+    return torch.cuda.get_device_properties(index).L2_cache_size
+
+
+def section_budget_bytes(device: torch.device) -> int:
+    """Bytes the heads of one schedule section may stream (:func:`schedule_sections`): half the L2 cache, so that they
+    stay cached while the section runs, with room for everything else passing through. 0 off CUDA."""
+    if device.type != "cuda":
+        return 0
+    return _cuda_l2_bytes(device.index if device.index is not None else torch.cuda.current_device()) // 2
+
+
+def schedule_sections(num_heads: int, bytes_per_head: int, budget_bytes: int) -> tuple[int, int]:
+    """``(heads_per_section, first_section_heads)`` for :func:`~.fwd.schedule_tile`: as many heads per section as the
+    budget holds (at least 1, at most all), the remainder section first. ``bytes_per_head`` is what one head's programs
+    read again and again (K/V in the forward); a budget of 0 gives one head per section, the head-major order."""
+    heads_per_section = min(num_heads, max(1, budget_bytes // max(1, bytes_per_head)))
+    return heads_per_section, num_heads % heads_per_section or heads_per_section
+
+
+def _schedule(device: torch.device, causal: bool, num_heads: int, bytes_per_head: int) -> tuple[int, int]:
+    """A kernel's schedule arguments: sections when causal; non-causal tiles all cost the same, so those keep the
+    head-major order (one head per section)."""
+    if not causal:
+        return 1, 1
+    return schedule_sections(num_heads, bytes_per_head, section_budget_bytes(device))
+
+
+def _kv_bytes_per_query_head(k: torch.Tensor, group_size: int) -> int:
+    """The K/V bytes a query head's programs stream (forward, dQ): its KV head's, shared by the adjacent query heads of
+    its GQA group."""
+    return 2 * k.shape[2] * k.shape[3] * k.element_size() // group_size
+
+
 def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -130,8 +167,11 @@ def dense_fwd(q, k, v, key_padding, causal: bool, scale: float, fast_exp: int = 
     if tma_ok:
         ensure_triton_allocator()
 
+    group_size = num_q_heads // num_kv_heads
+    sections = _schedule(q.device, causal, batch * num_q_heads, _kv_bytes_per_query_head(k, group_size))
+
     def grid(meta):
-        return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * num_q_heads)
+        return (triton.cdiv(seq_q, meta["BLOCK_M"]) * batch * num_q_heads,)
 
     _launch(
         _dense_fwd_kernel, _fwd_tuned, _FWD_TILES, grid,
@@ -141,7 +181,7 @@ def dense_fwd(q, k, v, key_padding, causal: bool, scale: float, fast_exp: int = 
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         stride_kpad,
-        num_q_heads, num_q_heads // num_kv_heads, seq_q, seq_k, scale,
+        num_q_heads, group_size, seq_q, seq_k, scale, *sections,
         min(next_power_of_2(seq_k), 1 << 16), int(tma_ok), tma_ok=tma_ok,
         HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), CAUSAL=causal, HAS_KEY_PADDING=key_padding is not None,
         FAST_EXP=fast_exp,
@@ -175,8 +215,20 @@ def dense_bwd(dout, q, k, v, out, lse, key_padding, causal: bool, scale: float):
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
+    group_size = num_q_heads // num_kv_heads
+    # A dK/dV program streams Q and dO of every query head of its KV head's group; a dQ program K and V.
+    qdo_bytes = 2 * group_size * seq_q * head_dim * q.element_size()
+    dkdv_sections = _schedule(q.device, causal, batch * num_kv_heads, qdo_bytes)
+    dq_sections = _schedule(q.device, causal, batch * num_q_heads, _kv_bytes_per_query_head(k, group_size))
+
+    def dkdv_grid(meta):
+        return (triton.cdiv(seq_k, meta["BLOCK_N"]) * batch * num_kv_heads,)
+
+    def dq_grid(meta):
+        return (triton.cdiv(seq_q, meta["BLOCK_M"]) * batch * num_q_heads,)
+
     _launch(
-        _dense_bwd_dkdv_kernel, _dkdv_tuned, _DKDV_TILES, lambda m: (triton.cdiv(seq_k, m["BLOCK_N"]), batch * num_kv_heads),
+        _dense_bwd_dkdv_kernel, _dkdv_tuned, _DKDV_TILES, dkdv_grid,
         q, k, v, kpad, dout, lse, delta, dk, dv,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -185,11 +237,11 @@ def dense_bwd(dout, q, k, v, out, lse, key_padding, causal: bool, scale: float):
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         stride_kpad,
-        num_q_heads, num_kv_heads, num_q_heads // num_kv_heads, seq_q, seq_k, scale, seq_k_bucket, int(tma_ok),
+        num_q_heads, num_kv_heads, group_size, seq_q, seq_k, scale, *dkdv_sections, seq_k_bucket, int(tma_ok),
         tma_ok=tma_ok, **meta,
     )  # fmt: skip
     _launch(
-        _dense_bwd_dq_kernel, _dq_tuned, _DQ_TILES, lambda m: (triton.cdiv(seq_q, m["BLOCK_M"]), batch * num_q_heads),
+        _dense_bwd_dq_kernel, _dq_tuned, _DQ_TILES, dq_grid,
         q, k, v, kpad, dout, lse, delta, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -197,7 +249,7 @@ def dense_bwd(dout, q, k, v, out, lse, key_padding, causal: bool, scale: float):
         dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         stride_kpad,
-        num_q_heads, num_q_heads // num_kv_heads, seq_q, seq_k, scale, seq_k_bucket, int(tma_ok), tma_ok=tma_ok, **meta,
+        num_q_heads, group_size, seq_q, seq_k, scale, *dq_sections, seq_k_bucket, int(tma_ok), tma_ok=tma_ok, **meta,
     )  # fmt: skip
     return dq, dk, dv
 
