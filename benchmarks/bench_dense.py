@@ -1,19 +1,22 @@
 """Dense attention benchmark: hf_fastattn's Triton kernel against SDPA (flash, cuDNN) and compiled FlexAttention.
 
-Times forward and forward+backward over head dims x sequence lengths (16384 tokens per batch, 32 heads) x
-causal/non-causal, spot-checks our forward against SDPA once per shape, and measures peak memory at N = 32768
-(every N with ``--memory``). Writes ``dense_<gpu>.json`` and ``dense_<gpu>.md`` under ``--out-dir`` after every
-shape (a run cut short keeps its rows) and prints the markdown at the end.
+Times forward and forward+backward over head dims x sequence lengths (16384 tokens per batch, 32 heads; or
+``--batch``, ``--heads``, ``--kv-heads``) x causal/non-causal, spot-checks our forward against SDPA once per shape, and
+measures peak memory at N = 32768 (every N with ``--memory``). Writes ``dense_<gpu>.json`` and ``dense_<gpu>.md`` under
+``--out-dir`` after every shape (a run cut short keeps its rows) and prints the markdown at the end.
 
     python benchmarks/bench_dense.py                              # full grid (needs a CUDA GPU)
     python benchmarks/bench_dense.py --head-dims 128 --modes fwd  # part of it
     python benchmarks/bench_dense.py --dry-run                    # print the plan, runs on CPU
+    python benchmarks/bench_dense.py --batch 1 --heads 9 --kv-heads 3 --head-dims 64 --seqlens 4096 8192 \\
+        --causal true --providers fastattn_dense fastattn_dense_head_order  # causal schedule vs head-major order
     python benchmarks/bench_dense.py --merge a.json b.json        # combine runs that split the grid, on CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -24,6 +27,7 @@ import json
 import os
 import shlex
 import sys
+import unittest.mock
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,12 +41,13 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import hf_fastattn
+import hf_fastattn.ops.dense.attention as dense_launchers
 from hf_fastattn.ops.dense import dense_attention
 from hf_fastattn.ops.dense.fp8 import dense_attention_fp8
 
 DEVICE = "cuda"
 TOKENS_PER_BATCH = 16384
-HEADS = 32  # query and key/value heads alike (no GQA)
+HEADS = 32  # query and key/value heads alike (no GQA) unless --heads / --kv-heads
 HEAD_DIMS = (64, 128)
 SEQLENS = (1024, 2048, 4096, 8192, 16384, 32768)
 MODES = ("fwd", "fwd_bwd")
@@ -68,13 +73,20 @@ class Shape:
     seqlen: int
     causal: bool
     dtype: torch.dtype
+    heads: int = HEADS
+    kv_heads: int = HEADS
+    fixed_batch: int | None = None  # --batch; None: TOKENS_PER_BATCH sequences' worth of tokens
 
     @property
     def batch(self) -> int:
-        return max(1, TOKENS_PER_BATCH // self.seqlen)  # N = 32768 still needs one sequence
+        return self.fixed_batch or max(1, TOKENS_PER_BATCH // self.seqlen)  # N = 32768 still needs one sequence
+
+    @property
+    def gqa(self) -> bool:
+        return self.kv_heads != self.heads
 
     def flops(self, mode: str) -> float:
-        forward = 4 * self.batch * HEADS * self.seqlen**2 * self.head_dim * (0.5 if self.causal else 1.0)
+        forward = 4 * self.batch * self.heads * self.seqlen**2 * self.head_dim * (0.5 if self.causal else 1.0)
         return forward * (BWD_FLOP_FACTOR if mode == "fwd_bwd" else 1.0)
 
     def fields(self) -> dict:
@@ -83,14 +95,15 @@ class Shape:
             "head_dim": self.head_dim,
             "seqlen": self.seqlen,
             "batch": self.batch,
-            "heads": HEADS,
-            "kv_heads": HEADS,
+            "heads": self.heads,
+            "kv_heads": self.kv_heads,
             "causal": self.causal,
             "dtype": str(self.dtype).removeprefix("torch."),
         }
 
     def __str__(self) -> str:
-        return f"D={self.head_dim} N={self.seqlen} B={self.batch} H={HEADS} causal={self.causal}"
+        heads = f"{self.heads}/{self.kv_heads}" if self.gqa else str(self.heads)
+        return f"D={self.head_dim} N={self.seqlen} B={self.batch} H={heads} causal={self.causal}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -115,11 +128,17 @@ def make_fastattn_dense_without_tma(shape: Shape) -> Attention:
     return attend
 
 
+def head_major_order() -> contextlib.AbstractContextManager:
+    """While active, the dense kernels run their programs head by head (no L2 budget: one head per section), as
+    before the causal schedule; the baseline that schedule is measured against."""
+    return unittest.mock.patch.object(dense_launchers, "section_budget_bytes", lambda device: 0)
+
+
 def make_sdpa(backend: SDPBackend, shape: Shape) -> Attention:
     def attend(q, k, v):
         # The context picks the forward kernel; autograd then runs that backend's own backward.
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=shape.causal)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=shape.causal, enable_gqa=shape.gqa)
 
     return attend
 
@@ -137,7 +156,7 @@ def make_flex(shape: Shape) -> Attention:
         block_mask = create_block_mask(
             causal_mask, B=None, H=None, Q_LEN=shape.seqlen, KV_LEN=shape.seqlen, device=DEVICE
         )
-    return lambda q, k, v: compiled_flex(q, k, v, block_mask=block_mask)
+    return lambda q, k, v: compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=shape.gqa)
 
 
 def make_fastattn_dense_fp8(shape: Shape, **options) -> Attention:
@@ -148,6 +167,7 @@ def make_fastattn_dense_fp8(shape: Shape, **options) -> Attention:
 
 PROVIDERS: dict[str, Callable[[Shape], Attention]] = {
     OURS: make_fastattn_dense,
+    f"{OURS}_head_order": make_fastattn_dense,  # run inside head_major_order (PROVIDER_SCOPES)
     f"{OURS}_no_tma": make_fastattn_dense_without_tma,
     f"{OURS}_fast_exp_half": functools.partial(make_fastattn_dense, fast_exp="half"),
     f"{OURS}_fast_exp_all": functools.partial(make_fastattn_dense, fast_exp="all"),
@@ -157,6 +177,14 @@ PROVIDERS: dict[str, Callable[[Shape], Attention]] = {
     "sdpa_cudnn": functools.partial(make_sdpa, SDPBackend.CUDNN_ATTENTION),
     "flex": make_flex,
 }
+# Context a provider's calls run in, backward included (autograd runs it after the provider's call has returned).
+PROVIDER_SCOPES: dict[str, Callable[[], contextlib.AbstractContextManager]] = {f"{OURS}_head_order": head_major_order}
+# Our variants that change the backward too; the others are timed in fwd mode only.
+BACKWARD_VARIANTS = (f"{OURS}_head_order",)
+
+
+def provider_scope(name: str) -> contextlib.AbstractContextManager:
+    return PROVIDER_SCOPES.get(name, contextlib.nullcontext)()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,11 +208,11 @@ class Inputs:
 
 
 def make_inputs(shape: Shape, requires_grad: bool) -> Inputs:
-    def randn():
-        size = (shape.batch, HEADS, shape.seqlen, shape.head_dim)
+    def randn(heads):
+        size = (shape.batch, heads, shape.seqlen, shape.head_dim)
         return torch.randn(size, device=DEVICE, dtype=shape.dtype, requires_grad=requires_grad)
 
-    q, k, v = randn(), randn(), randn()
+    q, k, v = randn(shape.heads), randn(shape.kv_heads), randn(shape.kv_heads)
     return Inputs(q, k, v, dout=torch.randn_like(q))
 
 
@@ -248,10 +276,13 @@ def spot_check(shape: Shape, variants: dict[str, Attention]) -> dict:
     with torch.no_grad():
         ours = dense_attention(inputs.q, inputs.k, inputs.v, causal=shape.causal)
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
-            reference = F.scaled_dot_product_attention(inputs.q, inputs.k, inputs.v, is_causal=shape.causal)
+            reference = F.scaled_dot_product_attention(
+                inputs.q, inputs.k, inputs.v, is_causal=shape.causal, enable_gqa=shape.gqa
+            )
         errors = {}
         for name, attend in variants.items():
-            diff = (attend(inputs.q, inputs.k, inputs.v).float() - reference.float()).abs()
+            with provider_scope(name):
+                diff = (attend(inputs.q, inputs.k, inputs.v).float() - reference.float()).abs()
             errors[name] = {"max_abs_err": diff.max().item(), "mean_abs_err": diff.mean().item()}
     max_abs_err = (ours.float() - reference.float()).abs().max().item()
     return {"max_abs_err": max_abs_err, "err_ok": max_abs_err <= MAX_ABS_ERR[shape.dtype], "variants": errors}
@@ -279,7 +310,7 @@ def ratios(results: dict[str, dict], key: str, baselines, *, ours_over_baseline:
 def planned_shapes(args) -> list[Shape]:
     causal_values = CAUSAL_CHOICES[args.causal]
     return [
-        Shape(head_dim, seqlen, causal, DTYPES[args.dtype])
+        Shape(head_dim, seqlen, causal, DTYPES[args.dtype], args.heads, args.kv_heads, args.batch)
         for head_dim, seqlen, causal in itertools.product(args.head_dims, args.seqlens, causal_values)
     ]
 
@@ -320,9 +351,10 @@ def benchmark_mode(shape: Shape, mode: str, providers: dict, check: dict, args, 
     flops = shape.flops(mode)
     timings = {}
     for name, built in providers.items():
-        if mode != "fwd" and name.startswith(f"{OURS}_"):
-            continue  # our variants change only the forward (the backward is fastattn_dense's)
-        timings[name] = run_or_report(built, functools.partial(time_step, inputs=inputs, mode=mode, flops=flops))
+        if mode != "fwd" and name.startswith(f"{OURS}_") and name not in BACKWARD_VARIANTS:
+            continue  # variants that change only the forward (the backward is fastattn_dense's)
+        with provider_scope(name):
+            timings[name] = run_or_report(built, functools.partial(time_step, inputs=inputs, mode=mode, flops=flops))
         print(f"   {mode:<8} {name:<15} {format_timing(timings[name])}", flush=True)
     report["rows"].append(
         {**shape.fields(), "mode": mode, "tflop": flops / 1e12, "spot_check": check, "providers": timings,
@@ -371,7 +403,9 @@ def collect_metadata(args) -> dict:
         "cudnn": torch.backends.cudnn.version(),
         "dtype": args.dtype,
         "tokens_per_batch": TOKENS_PER_BATCH,
-        "heads": HEADS,
+        "batch": args.batch,  # None: tokens_per_batch // N
+        "heads": args.heads,
+        "kv_heads": args.kv_heads,
         "do_bench": DO_BENCH,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(sys.argv),
@@ -484,10 +518,12 @@ def render_markdown(report: dict) -> str:
     lines = [f"# Dense attention benchmark: {meta['gpu']}", ""]
     lines += [f"- {key}: `{value}`" for key, value in meta.items() if key != "sources"]
     lines += [f"- source run: `{source['command']}` ({source['date_utc']})" for source in meta.get("sources", [])]
+    tokens = f"B x N = {meta['tokens_per_batch']} tokens (B = 1 beyond)"
+    batch = f"B = {meta['batch']}" if meta.get("batch") else tokens
     lines += [
         "",
         (
-            f"B x N = {meta['tokens_per_batch']} tokens (B = 1 beyond), H = H_kv = {meta['heads']}. "
+            f"{batch}, H = {meta['heads']}, H_kv = {meta.get('kv_heads', meta['heads'])}. "
             f"FLOPs = 4·B·H·N²·D, halved when causal, x{BWD_FLOP_FACTOR} for fwd_bwd. ms is the median of do_bench; "
             "speed-up = baseline ms / fastattn_dense ms (> 1: ours is faster). "
             "max err = max |ours - sdpa| of one forward."
@@ -522,7 +558,9 @@ def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
     return json_path, md_path
 
 
-MERGE_MUST_MATCH = ("gpu", "dtype", "torch", "triton", "cuda", "tokens_per_batch", "heads")
+MERGE_MUST_MATCH = ("gpu", "dtype", "torch", "triton", "cuda", "tokens_per_batch", "batch", "heads", "kv_heads")
+# The set-up of runs from before --batch and --kv-heads existed.
+LEGACY_METADATA = {"batch": None, "kv_heads": HEADS}
 
 
 def row_key(row: dict) -> tuple:
@@ -533,7 +571,7 @@ def merge_reports(paths: list[Path]) -> dict:
     """One report from several runs of one set-up; a later file's row replaces an earlier one with the same key."""
     reports = [json.loads(path.read_text()) for path in paths]
     for field in MERGE_MUST_MATCH:
-        values = {str(report["metadata"][field]) for report in reports}
+        values = {str(report["metadata"].get(field, LEGACY_METADATA.get(field))) for report in reports}
         if len(values) != 1:
             raise SystemExit(f"refusing to merge runs with different {field}: {sorted(values)}")
     rows, memory = {}, {}
@@ -550,7 +588,8 @@ def merge_reports(paths: list[Path]) -> dict:
 
 
 def print_plan(args) -> None:
-    print(f"dry run: {args.dtype}, providers {', '.join(args.providers)}, modes {', '.join(args.modes)}")
+    heads = f"H = {args.heads}, H_kv = {args.kv_heads}"
+    print(f"dry run: {args.dtype}, {heads}, providers {', '.join(args.providers)}, modes {', '.join(args.modes)}")
     header = ["D", "N", "B", "causal", "mode", "GFLOP", "peak memory"]
     body = [
         [str(shape.head_dim), str(shape.seqlen), str(shape.batch), str(shape.causal), mode,
@@ -562,11 +601,21 @@ def print_plan(args) -> None:
     print(f"{len(body)} rows x {len(args.providers)} providers = {len(body) * len(args.providers)} timings")
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--head-dims", type=int, nargs="+", default=list(HEAD_DIMS), metavar="D")
     parser.add_argument("--seqlens", type=int, nargs="+", default=list(SEQLENS), metavar="N",
-                        help=f"B = {TOKENS_PER_BATCH} // N (at least 1)")  # fmt: skip
+                        help=f"B = {TOKENS_PER_BATCH} // N (at least 1) unless --batch")  # fmt: skip
+    parser.add_argument("--batch", type=positive_int, metavar="B", help="B at every N")
+    parser.add_argument("--heads", type=positive_int, default=HEADS, metavar="H", help="query heads")
+    parser.add_argument("--kv-heads", type=positive_int, metavar="H_KV", help="key/value heads (default: --heads)")
     parser.add_argument("--causal", choices=list(CAUSAL_CHOICES), default="both")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
@@ -579,6 +628,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if any(n <= 0 for n in args.seqlens):
         parser.error("--seqlens must be positive")
+    if args.kv_heads is None:
+        args.kv_heads = args.heads
+    if args.heads % args.kv_heads:
+        parser.error("--heads must be a multiple of --kv-heads")
     return args
 
 
