@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_bsfa.py needs a CUDA GPU")
     # The dense benchmark's batch-shape fields do not describe these runs.
-    metadata = {k: v for k, v in collect_metadata(args).items() if k not in ("tokens_per_batch", "heads")}
+    metadata = collect_metadata(args)
     report = {"metadata": metadata, "tiles": f"{args.block_m}x{args.block_n}", "kernel": [], "ttft": []}
     report["kernel"] = kernel_rows(args)
     if not args.no_ttft:

@@ -585,8 +585,7 @@ def llama8b_e2e(args, report: dict) -> None:
 
 
 def metadata(args, bandwidth: dict) -> dict:
-    # The dense benchmark's batch-shape fields do not describe these runs.
-    meta = {k: v for k, v in collect_metadata(args).items() if k not in ("tokens_per_batch", "heads", "do_bench")}
+    meta = {k: v for k, v in collect_metadata(args).items() if k != "do_bench"}
     return {**meta, "sm_count": torch.cuda.get_device_properties(DEVICE).multi_processor_count, "do_bench": DO_BENCH,
             "copy_bandwidth": bandwidth, "max_kv_gb": args.max_kv_gb}  # fmt: skip
 

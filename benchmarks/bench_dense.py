@@ -402,13 +402,19 @@ def collect_metadata(args) -> dict:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(),
         "dtype": args.dtype,
+        "do_bench": DO_BENCH,
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(sys.argv),
+    }
+
+
+def grid_metadata(args) -> dict:
+    """This benchmark's batch shape (the other benchmarks share :func:`collect_metadata`, not this)."""
+    return {
         "tokens_per_batch": TOKENS_PER_BATCH,
         "batch": args.batch,  # None: tokens_per_batch // N
         "heads": args.heads,
         "kv_heads": args.kv_heads,
-        "do_bench": DO_BENCH,
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(sys.argv),
     }
 
 
@@ -645,7 +651,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench_dense.py needs a CUDA GPU; --dry-run prints the plan without one")
-        report = {"metadata": collect_metadata(args), "rows": [], "memory": []}
+        report = {"metadata": {**collect_metadata(args), **grid_metadata(args)}, "rows": [], "memory": []}
         for shape in planned_shapes(args):
             benchmark_shape(shape, args, report)
             write_report(report, args.out_dir)

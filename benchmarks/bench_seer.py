@@ -837,7 +837,7 @@ def error_lines(report: dict) -> list[str]:
 
 def environment(args, setup: Setup) -> dict:
     if setup.device == "cuda":
-        meta = {key: value for key, value in collect_metadata(args).items() if key not in ("tokens_per_batch", "heads")}
+        meta = collect_metadata(args)
     else:
         try:
             transformers_version = importlib.metadata.version("transformers")
