@@ -208,6 +208,7 @@ CASES = [
     (2, 3, 3, 17, 17, 16, False, "left", torch.float16),
     (2, 3, 1, 1, 40, 64, True, "left", torch.float16),  # decode step
     (1, 2, 2, 1, 33, 96, False, "none", torch.bfloat16),  # decode, bidirectional
+    (1, 4, 2, 1, 33, 64, False, "none", torch.bfloat16),  # the same with GQA: dK/dV's group loop is its only loop
     (2, 2, 1, 5, 40, 80, True, "right", torch.bfloat16),  # chunked prefill against a cache
     (2, 4, 2, 5, 40, 128, False, "left", torch.float16),
     (2, 4, 2, 40, 17, 96, True, "none", torch.float16),  # Sq > Sk, causal: the first rows see nothing

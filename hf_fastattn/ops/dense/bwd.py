@@ -120,7 +120,9 @@ def _dense_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(group_size):
+    # Never pipelined: with seq_q == 1 (specialised) the row loops below fold away, and Triton would then pipeline this
+    # loop and fail on the descriptor creation it cannot predicate.
+    for g in tl.range(group_size, num_stages=1):
         q_head = kv_head * group_size + g
         q_src = row_tile_source(Q + batch * stride_qb + q_head * stride_qh, seq_q, stride_qm, HEAD_DIM, BLOCK_M,
                                 BLOCK_D, USE_TMA)  # fmt: skip
