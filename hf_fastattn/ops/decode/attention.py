@@ -254,16 +254,10 @@ def _plan(
 
 
 def _workspace(device: torch.device, numel: int) -> torch.Tensor:
-    """fp32 scratch for partials, kept per device so a decode step allocates only its output (and a CUDA graph
-    replays without allocations). Launches on one stream run in order, so consecutive steps may share it."""
-    buffer = _WORKSPACE.get(device)
-    if buffer is None or buffer.numel() < numel:
-        buffer = torch.empty(max(numel, 1 << 20), dtype=torch.float32, device=device)
-        _WORKSPACE[device] = buffer
-    return buffer
-
-
-_WORKSPACE: dict[torch.device, torch.Tensor] = {}
+    """fp32 scratch for partials, allocated per call (the caching allocator makes that cheap). Not kept between calls:
+    a tensor kept alive after its first allocation inside a CUDA graph (transformers' compiled StaticCache decode)
+    belongs to the graph's memory pool, and torch refuses to replay graphs with untracked live tensors."""
+    return torch.empty(max(numel, 1), dtype=torch.float32, device=device)
 
 
 def decode_fwd(q, k, v, key_padding, scale: float, plan: DecodePlan) -> torch.Tensor:
