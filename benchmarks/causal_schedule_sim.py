@@ -5,8 +5,9 @@ query tile's cost is the number of key tiles it visits plus a fixed prologue/epi
 the last, lonely programs run after every other slot has gone idle. This script computes the makespan of
 
 - ``head order``: each head's tiles heavy first, one head after another (the old 2-D grid);
-- ``sections``: heads grouped so their K/V fit half the L2, each section starting all its heavy tiles first,
-  the smaller section first (``schedule_tile`` in hf_fastattn/ops/dense/fwd.py),
+- ``sections``: equal sections of consecutive heads, each starting all its heavy tiles first (``schedule_tile`` in
+  hf_fastattn/ops/dense/fwd.py); shown for the largest divisor of the head count whose K/V fit half the L2 (the
+  library itself uses one section of every head when they all fit, else the head-major order),
 
 and reports the idle share of each (1 - work / (slots x makespan)), and the predicted speed-up of sections over head
 order. It models the tail only: no L2 misses, no clock changes, equal cost per key tile. CPU only, no GPU needed.
@@ -34,12 +35,10 @@ def head_order(num_heads: int, costs: list[float]) -> list[float]:
     return [cost for _ in range(num_heads) for cost in heavy_first]
 
 
-def section_order(num_heads: int, costs: list[float], heads_per_section: int) -> list[float]:
-    heads_per_section = min(heads_per_section, num_heads)
-    first = num_heads % heads_per_section or heads_per_section
-    sizes = [first] + [heads_per_section] * ((num_heads - first) // heads_per_section)
+def section_order(num_heads: int, costs: list[float], section_heads: int) -> list[float]:
+    """Sections of ``section_heads`` consecutive heads, each rank-major (every head's heaviest tile first)."""
     heavy_first = costs[::-1]
-    return [cost for size in sizes for cost in heavy_first for _ in range(size)]
+    return [cost for _ in range(num_heads // section_heads) for cost in heavy_first for _ in range(section_heads)]
 
 
 def idle_share(order: list[float], slots: int) -> float:
@@ -68,15 +67,14 @@ def main() -> None:
     for label, batch, q_heads, kv_heads, head_dim, seq, block_m, block_n in cases:
         heads = batch * q_heads
         bytes_per_head = 2 * seq * head_dim * 2 / (q_heads // kv_heads)  # K and V in bf16, shared by the group
-        per_section = max(1, int(H100_L2_BYTES // 2 // bytes_per_head))
+        fits = max(1, int(H100_L2_BYTES // 2 // bytes_per_head))
+        per_section = max(size for size in range(1, heads + 1) if heads % size == 0 and size <= fits)
         costs = tile_costs(seq, block_m, block_n, args.prologue)
         for per_sm in args.programs_per_sm:
             slots = H100_SMS * per_sm
             old = idle_share(head_order(heads, costs), slots)
             new = idle_share(section_order(heads, costs, per_section), slots)
-            print(
-                f"| {label} | {per_sm} | {min(per_section, heads)} | {old:.1%} | {new:.1%} | {(1 - new) / (1 - old):.2f}x |"
-            )
+            print(f"| {label} | {per_sm} | {per_section} | {old:.1%} | {new:.1%} | {(1 - new) / (1 - old):.2f}x |")
 
 
 if __name__ == "__main__":

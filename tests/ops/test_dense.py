@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from hf_fastattn.ops.dense import SUPPORTED_HEAD_DIMS, dense_attention, dense_attention_reference
 from hf_fastattn.ops.dense import attention as dense_module
-from hf_fastattn.ops.dense.attention import schedule_sections, section_budget_bytes
+from hf_fastattn.ops.dense.attention import section_budget_bytes, section_heads
 from hf_fastattn.ops.dense.fwd import schedule_tile
 
 HAS_CUDA = torch.cuda.is_available()
@@ -360,52 +360,47 @@ def test_dense_writes_every_output_element(monkeypatch, causal, seq_q, seq_k, pa
 
 
 @triton.jit
-def _schedule_probe_kernel(Out, num_tiles, heads_per_section, first_section_heads):
-    rank, head = schedule_tile(num_tiles, heads_per_section, first_section_heads)
+def _schedule_probe_kernel(Out, num_tiles, section_size):
+    rank, head = schedule_tile(num_tiles, section_size)
     pid = tl.program_id(0)
     tl.store(Out + 2 * pid, rank)
     tl.store(Out + 2 * pid + 1, head)
 
 
-def probe_schedule(num_tiles: int, num_heads: int, heads_per_section: int, first_section_heads: int) -> list[tuple]:
+def probe_schedule(num_tiles: int, num_heads: int, section_size: int) -> list[tuple]:
     """``(rank, head)`` of every program of the 1-D grid, in program order."""
     out = torch.full((num_tiles * num_heads, 2), -1, dtype=torch.int32, device=DEVICE)
-    _schedule_probe_kernel[(num_tiles * num_heads,)](out, num_tiles, heads_per_section, first_section_heads)
+    _schedule_probe_kernel[(num_tiles * num_heads,)](out, num_tiles, section_size)
     return [tuple(pair) for pair in out.tolist()]
 
 
-def test_schedule_sections_sizes():
-    """As many heads per section as the budget holds, at least 1 and at most all; the remainder section first."""
-    assert schedule_sections(8, 100, 350) == (3, 2)
-    assert schedule_sections(9, 100, 300) == (3, 3)
-    assert schedule_sections(8, 100, 10**6) == (8, 8)
-    assert schedule_sections(8, 100, 99) == (1, 1)
-    assert schedule_sections(8, 100, 0) == (1, 1)  # no budget: one head per section, the head-major order
+def test_section_heads_all_or_one():
+    """Every head in one section when their bytes fit the budget together, else the head-major order."""
+    assert section_heads(8, 100, 800) == 8
+    assert section_heads(8, 100, 799) == 1
+    assert section_heads(1, 100, 100) == 1
+    assert section_heads(8, 100, 0) == 1  # no budget: the head-major order
     assert section_budget_bytes(torch.device("cpu")) == 0
 
 
-# (num_tiles, num_heads, heads the budget holds): uneven last sections, even ones, more than num_heads, one head.
-SCHEDULES = [(3, 8, 3), (5, 7, 3), (4, 6, 3), (2, 5, 9), (6, 2, 5), (3, 4, 1), (1, 3, 2), (4, 1, 1)]
+# (num_tiles, num_heads, section_heads): one section, several, one head each, a single tile, a single head.
+SCHEDULES = [(3, 8, 8), (3, 8, 4), (5, 6, 2), (4, 6, 3), (6, 2, 1), (1, 3, 3), (4, 1, 1)]
 
 
 @pytest.mark.parametrize(
-    "num_tiles, num_heads, budget_heads", SCHEDULES, ids=["T{}-H{}-budget{}".format(*s) for s in SCHEDULES]
+    "num_tiles, num_heads, section_size", SCHEDULES, ids=["T{}-H{}-S{}".format(*s) for s in SCHEDULES]
 )
-def test_schedule_covers_every_tile_heavy_first(num_tiles, num_heads, budget_heads):
-    heads_per_section, first_section_heads = schedule_sections(num_heads, 1, budget_heads)  # 1 byte per head
-    assert heads_per_section == min(budget_heads, num_heads)
-    order = probe_schedule(num_tiles, num_heads, heads_per_section, first_section_heads)
+def test_schedule_covers_every_tile_heavy_first(num_tiles, num_heads, section_size):
+    order = probe_schedule(num_tiles, num_heads, section_size)
     assert sorted(order) == list(itertools.product(range(num_tiles), range(num_heads))), "not every (rank, head) once"
-
-    # Sections of consecutive heads, the remainder first, each a contiguous run of programs.
-    bounds = [0, *range(first_section_heads, num_heads + 1, heads_per_section)]
-    assert bounds[1] == first_section_heads and bounds[-1] == num_heads
-    for lo, hi in itertools.pairwise(bounds):
-        section = order[lo * num_tiles : hi * num_tiles]
-        assert {head for _, head in section} == set(range(lo, hi)), f"section of heads [{lo}, {hi})"
+    for first_head in range(0, num_heads, section_size):
+        lo = first_head * num_tiles
+        section = order[lo : lo + section_size * num_tiles]
+        heads = set(range(first_head, first_head + section_size))
+        assert {head for _, head in section} == heads, f"section of heads {sorted(heads)}"
         ranks = [rank for rank, _ in section]
-        assert ranks == sorted(ranks), f"section of heads [{lo}, {hi}) starts a lighter tile before a heavier one"
-    if heads_per_section == 1:  # the head-major order of the former 2-D grid, which non-causal launches keep
+        assert ranks == sorted(ranks), f"section of heads {sorted(heads)} starts a lighter tile before a heavier one"
+    if section_size == 1:  # the head-major order of the former 2-D grid, which non-causal launches keep
         assert order == [(pid % num_tiles, pid // num_tiles) for pid in range(num_tiles * num_heads)]
 
 
@@ -414,32 +409,25 @@ def test_schedule_covers_every_tile_heavy_first(num_tiles, num_heads, budget_hea
     ids=["causal-45x45", "causal-21x53", "bidir-37x29"],
 )  # fmt: skip
 def test_dense_causal_sections_match_reference(monkeypatch, causal, seq_q, seq_k):
-    """With an L2 budget cutting the heads into several uneven sections (on a GPU the budget comes from the device; here
-    it is 0, one head per section, unless patched), every kernel still computes every tile of every head, once."""
+    """With a budget that holds every head (on a GPU it comes from the device; here it is 0, the head-major order,
+    unless patched), every kernel runs one rank-major section and still computes every tile of every head, once."""
     batch, q_heads, kv_heads, head_dim, dtype = 2, 8, 4, 32, torch.float16
-    # K and V of 12 query heads (groups of 2): forward and dQ sections of 12 of the 16 heads, after a first of 4.
-    budget = 12 * 2 * seq_k * head_dim * dtype.itemsize // (q_heads // kv_heads)
-    monkeypatch.setattr(dense_module, "section_budget_bytes", lambda device: budget)
+    monkeypatch.setattr(dense_module, "section_budget_bytes", lambda device: 1 << 40)
     schedules = []
     real_schedule = dense_module._schedule
 
     def recording_schedule(device, is_causal, num_heads, bytes_per_head):
-        sections = real_schedule(device, is_causal, num_heads, bytes_per_head)
-        schedules.append((num_heads, sections))
-        return sections
+        size = real_schedule(device, is_causal, num_heads, bytes_per_head)
+        schedules.append((num_heads, size))
+        return size
 
     monkeypatch.setattr(dense_module, "_schedule", recording_schedule)
     poison_allocations(monkeypatch)
     out, lse, grads = check_against_reference(batch, q_heads, kv_heads, seq_q, seq_k, head_dim, causal, None, dtype)
     for t in (out, lse, *grads):
         assert not torch.isnan(t).any()
-
-    assert [num_heads for num_heads, _ in schedules] == [16, 8, 16]  # forward, dK/dV, dQ
-    for num_heads, (heads_per_section, first_section_heads) in schedules:
-        if causal:  # several sections, the first one shorter
-            assert 1 < heads_per_section < num_heads and first_section_heads < heads_per_section
-        else:
-            assert (heads_per_section, first_section_heads) == (1, 1)
+    expected_heads = [16, 8, 16]  # forward, dK/dV, dQ
+    assert schedules == [(heads, heads if causal else 1) for heads in expected_heads]
 
 
 # --------------------------------------------------------------------------------------------------------------------

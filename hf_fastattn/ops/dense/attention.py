@@ -107,27 +107,26 @@ def _cuda_l2_bytes(index: int) -> int:
 
 
 def section_budget_bytes(device: torch.device) -> int:
-    """Bytes the heads of one schedule section may stream (:func:`schedule_sections`): half the L2 cache, so that they
-    stay cached while the section runs, with room for everything else passing through. 0 off CUDA."""
+    """Bytes that the heads of one schedule section may stream together (:func:`section_heads`): half the L2 cache,
+    so that they stay cached while the section runs, with room for everything else passing through. 0 off CUDA."""
     if device.type != "cuda":
         return 0
     return _cuda_l2_bytes(device.index if device.index is not None else torch.cuda.current_device()) // 2
 
 
-def schedule_sections(num_heads: int, bytes_per_head: int, budget_bytes: int) -> tuple[int, int]:
-    """``(heads_per_section, first_section_heads)`` for :func:`~.fwd.schedule_tile`: as many heads per section as the
-    budget holds (at least 1, at most all), the remainder section first. ``bytes_per_head`` is what one head's programs
-    read again and again (K/V in the forward); a budget of 0 gives one head per section, the head-major order."""
-    heads_per_section = min(num_heads, max(1, budget_bytes // max(1, bytes_per_head)))
-    return heads_per_section, num_heads % heads_per_section or heads_per_section
+def section_heads(num_heads: int, bytes_per_head: int, budget_bytes: int) -> int:
+    """:func:`~.fwd.schedule_tile`'s section size: every head in one section when what they all read again and again
+    (``bytes_per_head`` each: K/V in the forward) fits the budget, else one head per section, the head-major order.
+
+    Nothing in between: on the H100, forwards cut into several sections (d128, N = 4k-16k) measured from 4% faster to
+    4% slower than the head-major order, while one section of SmolLM2's 9 heads (d64, N = 2k-8k) was 2-12% faster
+    (benchmarks/NOTES.md, "Causal schedule")."""
+    return num_heads if num_heads * bytes_per_head <= budget_bytes else 1
 
 
-def _schedule(device: torch.device, causal: bool, num_heads: int, bytes_per_head: int) -> tuple[int, int]:
-    """A kernel's schedule arguments: sections when causal; non-causal tiles all cost the same, so those keep the
-    head-major order (one head per section)."""
-    if not causal:
-        return 1, 1
-    return schedule_sections(num_heads, bytes_per_head, section_budget_bytes(device))
+def _schedule(device: torch.device, causal: bool, num_heads: int, bytes_per_head: int) -> int:
+    """A kernel's section size: non-causal tiles all cost the same, so those keep the head-major order."""
+    return section_heads(num_heads, bytes_per_head, section_budget_bytes(device)) if causal else 1
 
 
 def _kv_bytes_per_query_head(k: torch.Tensor, group_size: int) -> int:
@@ -168,7 +167,7 @@ def dense_fwd(q, k, v, key_padding, causal: bool, scale: float, fast_exp: int = 
         ensure_triton_allocator()
 
     group_size = num_q_heads // num_kv_heads
-    sections = _schedule(q.device, causal, batch * num_q_heads, _kv_bytes_per_query_head(k, group_size))
+    fwd_section_heads = _schedule(q.device, causal, batch * num_q_heads, _kv_bytes_per_query_head(k, group_size))
 
     def grid(meta):
         return (triton.cdiv(seq_q, meta["BLOCK_M"]) * batch * num_q_heads,)
@@ -181,7 +180,7 @@ def dense_fwd(q, k, v, key_padding, causal: bool, scale: float, fast_exp: int = 
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         stride_kpad,
-        num_q_heads, group_size, seq_q, seq_k, scale, *sections,
+        num_q_heads, group_size, seq_q, seq_k, scale, fwd_section_heads,
         min(next_power_of_2(seq_k), 1 << 16), int(tma_ok), tma_ok=tma_ok,
         HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), CAUSAL=causal, HAS_KEY_PADDING=key_padding is not None,
         FAST_EXP=fast_exp,
@@ -218,8 +217,8 @@ def dense_bwd(dout, q, k, v, out, lse, key_padding, causal: bool, scale: float):
     group_size = num_q_heads // num_kv_heads
     # A dK/dV program streams Q and dO of every query head of its KV head's group; a dQ program K and V.
     qdo_bytes = 2 * group_size * seq_q * head_dim * q.element_size()
-    dkdv_sections = _schedule(q.device, causal, batch * num_kv_heads, qdo_bytes)
-    dq_sections = _schedule(q.device, causal, batch * num_q_heads, _kv_bytes_per_query_head(k, group_size))
+    dkdv_section_heads = _schedule(q.device, causal, batch * num_kv_heads, qdo_bytes)
+    dq_section_heads = _schedule(q.device, causal, batch * num_q_heads, _kv_bytes_per_query_head(k, group_size))
 
     def dkdv_grid(meta):
         return (triton.cdiv(seq_k, meta["BLOCK_N"]) * batch * num_kv_heads,)
@@ -237,7 +236,7 @@ def dense_bwd(dout, q, k, v, out, lse, key_padding, causal: bool, scale: float):
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         stride_kpad,
-        num_q_heads, num_kv_heads, group_size, seq_q, seq_k, scale, *dkdv_sections, seq_k_bucket, int(tma_ok),
+        num_q_heads, num_kv_heads, group_size, seq_q, seq_k, scale, dkdv_section_heads, seq_k_bucket, int(tma_ok),
         tma_ok=tma_ok, **meta,
     )  # fmt: skip
     _launch(
@@ -249,7 +248,7 @@ def dense_bwd(dout, q, k, v, out, lse, key_padding, causal: bool, scale: float):
         dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         stride_kpad,
-        num_q_heads, group_size, seq_q, seq_k, scale, *dq_sections, seq_k_bucket, int(tma_ok), tma_ok=tma_ok, **meta,
+        num_q_heads, group_size, seq_q, seq_k, scale, dq_section_heads, seq_k_bucket, int(tma_ok), tma_ok=tma_ok, **meta,
     )  # fmt: skip
     return dq, dk, dv
 

@@ -74,7 +74,7 @@ def attn_bwd_dkdv_tile(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["heads_per_section", "first_section_heads"])  # as the forward's
+@triton.jit(do_not_specialize=["section_heads"])  # as the forward's
 def _dense_bwd_dkdv_kernel(
     Q, K, V, KPAD, dOut, LSE, Delta, dK, dV,
     stride_qb, stride_qh, stride_qm,
@@ -85,13 +85,13 @@ def _dense_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     stride_kpad_b,
     num_q_heads, num_kv_heads, group_size, seq_q, seq_k, scale,
-    heads_per_section, first_section_heads,  # schedule_tile's sections of the batch * num_kv_heads heads
+    section_heads,  # schedule_tile's sections of the batch * num_kv_heads heads
     seq_k_bucket, tma_ok,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     # Early key tiles are seen by the most query rows: they are the heavy ranks.
-    rank, bh = schedule_tile(tl.cdiv(seq_k, BLOCK_N), heads_per_section, first_section_heads)
+    rank, bh = schedule_tile(tl.cdiv(seq_k, BLOCK_N), section_heads)
     start_n = rank * BLOCK_N
     batch = bh // num_kv_heads
     kv_head = bh % num_kv_heads
@@ -171,7 +171,7 @@ def attn_bwd_dq_tile(
     return dq
 
 
-@triton.jit(do_not_specialize=["heads_per_section", "first_section_heads"])  # as the forward's
+@triton.jit(do_not_specialize=["section_heads"])  # as the forward's
 def _dense_bwd_dq_kernel(
     Q, K, V, KPAD, dOut, LSE, Delta, dQ,
     stride_qb, stride_qh, stride_qm,
@@ -181,13 +181,13 @@ def _dense_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm,
     stride_kpad_b,
     num_q_heads, group_size, seq_q, seq_k, scale,
-    heads_per_section, first_section_heads,  # schedule_tile's sections of the batch * num_q_heads heads
+    section_heads,  # schedule_tile's sections of the batch * num_q_heads heads
     seq_k_bucket, tma_ok,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     num_tiles = tl.cdiv(seq_q, BLOCK_M)
-    rank, bh = schedule_tile(num_tiles, heads_per_section, first_section_heads)
+    rank, bh = schedule_tile(num_tiles, section_heads)
     start_m = (num_tiles - 1 - rank) * BLOCK_M  # late query tiles see the most keys: they are the heavy ranks
     batch = bh // num_q_heads
     q_head = bh % num_q_heads

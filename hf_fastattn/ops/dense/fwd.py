@@ -333,30 +333,23 @@ def attn_fwd_finish(acc, m_i, l_i):
 
 
 @triton.jit
-def schedule_tile(num_tiles, heads_per_section, first_section_heads):
+def schedule_tile(num_tiles, section_heads):
     """``(rank, head)`` of this program in a 1-D grid of ``num_tiles * num_heads`` programs; rank 0 is the heaviest
     tile (each kernel maps ranks to its tiles).
 
-    Heads are cut into consecutive sections: ``first_section_heads`` heads (the remainder, so the smaller section goes
-    first), then ``heads_per_section`` each. Inside a section the programs are rank-major: rank 0 of every head of the
-    section, then rank 1, ... A causal section so starts all its heavy tiles before any light one, instead of the last
-    head's heavy tiles starting at the end of the grid and running alone. Sections, not all heads at once, so that
-    what a section's heads read again and again stays in L2 (the launcher sizes them). ``(1, 1)`` is the head-major
-    order ``rank = pid % num_tiles, head = pid // num_tiles``.
+    Heads are cut into consecutive sections of ``section_heads`` (a divisor of the head count). Inside a section the
+    programs are rank-major: rank 0 of every head of the section, then rank 1, ... A causal section so starts all its
+    heavy tiles before any light one, instead of the last head's heavy tiles starting at the end of the grid and
+    running alone. ``section_heads = 1`` is the head-major order ``rank = pid % num_tiles, head = pid // num_tiles``.
     """
     pid = tl.program_id(0)
-    first_programs = first_section_heads * num_tiles
-    in_first = pid < first_programs
-    section_programs = heads_per_section * num_tiles
-    later = tl.maximum(pid - first_programs, 0)
-    local = tl.where(in_first, pid, later % section_programs)
-    section_heads = tl.where(in_first, first_section_heads, heads_per_section)
-    section_start = tl.where(in_first, 0, first_section_heads + later // section_programs * heads_per_section)
-    return local // section_heads, section_start + local % section_heads
+    section_programs = section_heads * num_tiles
+    local = pid % section_programs
+    return local // section_heads, pid // section_programs * section_heads + local % section_heads
 
 
-# The schedule integers change with the shape (1 for the head-major order): not specialised, so no recompile for them.
-@triton.jit(do_not_specialize=["heads_per_section", "first_section_heads"])
+# The section size changes with the shape (1 for the head-major order): not specialised, so no recompile for it.
+@triton.jit(do_not_specialize=["section_heads"])
 def _dense_fwd_kernel(
     Q, K, V, KPAD, Out, LSE,
     stride_qb, stride_qh, stride_qm,
@@ -365,7 +358,7 @@ def _dense_fwd_kernel(
     stride_ob, stride_oh, stride_om,
     stride_kpad_b,
     num_q_heads, group_size, seq_q, seq_k, scale,
-    heads_per_section, first_section_heads,  # schedule_tile's sections of the batch * num_q_heads heads
+    section_heads,  # schedule_tile's sections of the batch * num_q_heads heads
     seq_k_bucket, tma_ok,  # autotune keys only
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -377,7 +370,7 @@ def _dense_fwd_kernel(
     FAST_EXP: tl.constexpr,
 ):  # fmt: skip
     num_tiles = tl.cdiv(seq_q, BLOCK_M)
-    rank, bh = schedule_tile(num_tiles, heads_per_section, first_section_heads)
+    rank, bh = schedule_tile(num_tiles, section_heads)
     start_m = (num_tiles - 1 - rank) * BLOCK_M  # late query tiles see the most keys: they are the heavy ranks
     batch = bh // num_q_heads
     q_head = bh % num_q_heads
