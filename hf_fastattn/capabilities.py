@@ -19,8 +19,8 @@ MASK_KIND_MEANINGS = {
     MASK_NONE: "no mask",
     MASK_KEY_PADDING: "a (batch, keys) padding mask",
     MASK_BOOL_4D: (
-        "a materialised mask: sliding window, packed sequences, a custom mask function, or several queries against a "
-        "static cache"
+        "a materialised mask: sliding window, packed sequences, a custom mask function, or, under torch.compile, "
+        "several queries against a static cache"
     ),
     MASK_ADDITIVE_4D: "a float mask added to the scores",
     MASK_BLOCK_MASK: "a FlexAttention BlockMask",

@@ -28,7 +28,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .capabilities import MASK_BOOL_4D, MASK_KEY_PADDING, MASK_NONE, MethodSpec
-from .masks import classify_mask
+from .masks import classify_mask, drop_unfilled_cache_slots
 from .ops._runtime import triton_supports
 from .ops.decode import DECODE_MAX_QUERY, decode_attention
 from .ops.dense.naive import visible_keys
@@ -74,6 +74,7 @@ def dispatch_attention(
         spec = state.spec
     causal = is_causal_call(module, kwargs)
     kwargs.pop("is_causal", None)
+    key, value = drop_unfilled_cache_slots(attention_mask, key, value)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if spec is None:
         return sdpa_fallback(module, query, key, value, attention_mask, scale, dropout, causal, **kwargs)

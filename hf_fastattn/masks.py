@@ -5,9 +5,12 @@ kernels handle natively (causal aligned bottom-right, or bidirectional, each wit
 the ``(B, S_kv)`` key-padding mask, or ``None`` without padding, so nothing ``S_q x S_kv``-sized is materialised.
 A single causal query (a decode step) needs no alignment: it sees every key up to its own position, so a static cache
 (keys run to ``max_cache_len``, past the query) also gets a ``(B, S_kv)`` mask, its unfilled slots hidden; with the
-cache's tensor offset that costs no host sync, so decode stays CUDA-graph friendly. Anything else (sliding windows,
-packed sequences, custom ``or``/``and`` mask functions, several queries against a static cache) is materialised as
-SDPA's 4-D boolean mask, which the kernels decline and route to the fallback: never silently dropped.
+cache's tensor offset that costs no host sync, so decode stays CUDA-graph friendly. Several causal queries against a
+static cache (its prefill) get a key mask *shorter* than the keys: only the filled slots, up to the last query. The
+attention function then drops the unfilled tail (:func:`drop_unfilled_cache_slots`, views), which makes the alignment
+bottom-right again; reading the filled length costs one host sync per forward, so under torch.compile this case is
+materialised instead. Anything else (sliding windows, packed sequences, custom ``or``/``and`` mask functions) is
+materialised as SDPA's 4-D boolean mask, which the kernels decline and route to the fallback: never silently dropped.
 """
 
 from __future__ import annotations
@@ -48,6 +51,13 @@ def fastattn_mask(
         return _key_padding(attention_mask, kv_length, kv_offset)
     if mask_function is causal_mask_function and q_length == 1:
         return _keys_up_to(q_offset, batch_size, kv_length, kv_offset, attention_mask, kwargs.get("device"))
+    static_cache_prefill = mask_function is causal_mask_function and isinstance(kv_offset, int) and kv_offset == 0
+    if static_cache_prefill and not torch.compiler.is_compiling():
+        filled = int(q_offset) + q_length  # a 0-d tensor offset (StaticCache): one host sync, once per forward
+        if filled < kv_length:
+            if attention_mask is None:
+                return torch.ones(batch_size, filled, dtype=torch.bool, device=kwargs.get("device"))
+            return _key_padding(attention_mask, filled, 0)
     kwargs["allow_is_causal_skip"] = False
     kwargs.pop("allow_is_bidirectional_skip", None)  # defaults to False: always materialise
     return sdpa_mask(
@@ -95,3 +105,13 @@ def classify_mask(attention_mask, batch_size: int, kv_length: int) -> str:
     if attention_mask.dim() == 4:
         return MASK_BOOL_4D if attention_mask.dtype == torch.bool else MASK_ADDITIVE_4D
     return MASK_OTHER
+
+
+def drop_unfilled_cache_slots(attention_mask, key: torch.Tensor, value: torch.Tensor):
+    """Keys and values without the unfilled static-cache tail that :func:`fastattn_mask` leaves out of a key mask
+    shorter than the keys (views of the cache); unchanged otherwise."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        filled = attention_mask.shape[-1]
+        if filled < key.shape[2]:
+            return key[:, :, :filled], value[:, :, :filled]
+    return key, value

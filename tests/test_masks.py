@@ -24,7 +24,7 @@ from hf_fastattn.capabilities import (
     MASK_NONE,
     MASK_OTHER,
 )
-from hf_fastattn.masks import classify_mask, fastattn_mask
+from hf_fastattn.masks import classify_mask, drop_unfilled_cache_slots, fastattn_mask
 
 
 def padding_mask(batch=2, length=8, left=2, right=3, dtype=torch.bool):
@@ -135,19 +135,37 @@ def test_custom_and_mask_is_materialised():
 
 
 @pytest.mark.parametrize("with_padding", [False, True], ids=["nopad", "pad"])
-def test_misaligned_causal_is_materialised(with_padding):
-    """A static cache: keys run to max_cache_len, past the queries' end (q_offset + q_length != kv_offset + kv_length).
-
-    Bottom-right alignment would be wrong here: query i sits at absolute position q_offset + i."""
+@pytest.mark.parametrize("tensor_offset", [False, True], ids=["int", "tensor"])
+def test_prefill_against_static_cache_is_a_shorter_key_mask(with_padding, tensor_offset):
+    """Several queries against a static cache (keys run to max_cache_len, past the queries' end): a key mask covering
+    only the filled slots, up to the last query. Without the unfilled tail the alignment is bottom-right again: query i
+    at absolute position q_offset + i sees exactly the keys the explicit causal mask allows."""
     attention_mask = padding_mask(length=10, right=2) if with_padding else None
+    offset = torch.tensor(3) if tensor_offset else 3
     out = fastattn_mask(
-        2, 2, 10, q_offset=3, kv_offset=0, mask_function=causal_mask_function, attention_mask=attention_mask,
+        2, 2, 10, q_offset=offset, kv_offset=0, mask_function=causal_mask_function, attention_mask=attention_mask,
         allow_is_causal_skip=True, allow_is_bidirectional_skip=True,
     )  # fmt: skip
-    assert out is not None and out.dtype == torch.bool and out.shape == (2, 1, 2, 10)
-    expected = explicit_causal(attention_mask if with_padding else torch.ones(2, 10), 2, 10, q_offset=3)
-    assert torch.equal(out, expected.expand_as(out))
-    assert not out[:, :, :, 5:].any()  # the empty tail of the static cache
+    assert out is not None and out.dtype == torch.bool and out.shape == (2, 5)
+    batch_mask = attention_mask if with_padding else torch.ones(2, 10)
+    assert torch.equal(out, batch_mask.bool()[:, :5])
+    key = value = torch.randn(2, 1, 10, 4)
+    kept_key, kept_value = drop_unfilled_cache_slots(out, key, value)
+    assert kept_key.shape[2] == kept_value.shape[2] == 5 and kept_key.data_ptr() == key.data_ptr()  # views
+    bottom_right = explicit_causal(batch_mask, 2, 5, q_offset=3)
+    assert torch.equal(bottom_right, explicit_causal(batch_mask, 2, 10, q_offset=3)[..., :5])
+
+
+def test_prefill_against_static_cache_is_materialised_when_compiled():
+    """Under torch.compile the filled length would be a data-dependent shape: the 4-D mask instead (the fallback)."""
+
+    def build(offset):
+        return fastattn_mask(2, 2, 10, q_offset=offset, mask_function=causal_mask_function, attention_mask=None)
+
+    torch._dynamo.reset()
+    out = torch.compile(build, fullgraph=True, backend="eager")(torch.tensor(3))
+    assert out.shape == (2, 1, 2, 10) and classify_mask(out, 2, 10) == MASK_BOOL_4D
+    assert torch.equal(out, explicit_causal(torch.ones(2, 10), 2, 10, q_offset=3).expand_as(out))
 
 
 @pytest.mark.parametrize("with_padding", [False, True], ids=["nopad", "pad"])

@@ -536,19 +536,22 @@ def test_greedy_generate_per_decode_strategy(method, decode, spy):
 
 @pytest.mark.parametrize("method", ["dense", "lean"])
 def test_greedy_generate_with_static_cache(method, spy):
-    """A StaticCache (what compiled generation uses): its keys run past the query to max_cache_len. Every decode step
-    runs the shared decode kernels with the unfilled slots masked; the prefill (several queries against the longer
-    cache) falls back to SDPA. Tokens equal eager's with a DynamicCache, from a left-padded batch."""
+    """A StaticCache (what compiled generation uses): its keys run past the query to max_cache_len. The prefill runs
+    the kernels on the filled slots only (the unfilled tail dropped, so causality is bottom-right); every decode step
+    runs the shared decode kernels on the whole cache with the unfilled slots masked. Tokens equal eager's with a
+    DynamicCache, from a left-padded batch, and nothing falls back."""
     arch = ARCHS["llama"]
     eager, fast = build_pair(arch)
     hf_fastattn.patch(fast, method)
     assert_generates_like_eager(arch, eager, fast, spy, cache_implementation="static")
-    assert spy.fallbacks == arch.num_layers  # the prefill only
+    assert spy.fallbacks == 0
     if interpreter_enabled():
-        decode_keys = {k_shape[2] for _, k_shape, _, _ in spy.kernel_fwd}
+        prefill = [call for call in spy.kernel_fwd if call[0][2] > 1]
+        assert {(q_shape[2], k_shape[2]) for q_shape, k_shape, _, _ in prefill} == {(40, 40)}
+        decode_keys = {k_shape[2] for q_shape, k_shape, _, _ in spy.kernel_fwd if q_shape[2] == 1}
         # Every step gets the whole cache: at least the 43 positions the last step fills, 2 of them empty at the first.
         assert len(decode_keys) == 1 and decode_keys.pop() >= 40 + 3, decode_keys
-        assert len(spy.decode) == arch.num_layers * 3
+        assert len(prefill) == arch.num_layers and len(spy.decode) == arch.num_layers * 3
         assert all(has_padding for _, _, has_padding, _ in spy.kernel_fwd)
 
 
