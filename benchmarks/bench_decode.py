@@ -45,6 +45,7 @@ from torch.backends.cuda import SDPAParams, can_use_flash_attention
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -441,41 +442,62 @@ def attention_method(model, name: str):
     return contextlib.nullcontext() if spec is None else hf_fastattn.use(model, spec[0], **spec[1])
 
 
-def greedy(model, prompt: torch.Tensor, new_tokens: int, pad_token_id: int | None, cache: str) -> torch.Tensor:
+def greedy(model, prompt: torch.Tensor, new_tokens: int, pad_token_id: int | None, cache: str, **extra) -> torch.Tensor:
     """``cache``: "dynamic" (DynamicCache, eager decode) or "static" (StaticCache: on CUDA, transformers compiles the
-    decode step, CUDA graphs included)."""
+    decode step, CUDA graphs included). ``extra`` goes to ``generate`` (the step clock)."""
     static = {"cache_implementation": "static"} if cache == "static" else {}
     # min_new_tokens holds the length fixed (no early end of sequence), so every method does the same work.
     return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id, **static)  # fmt: skip
+                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id, **static, **extra)  # fmt: skip
 
 
-def timed_generate(model, prompt, new_tokens: int, pad_token_id, cache: str) -> float:
+class StepClock(BaseStreamer):
+    """A ``generate`` streamer that notes the wall-clock time of every token it is handed (the prompt first, then each
+    new token), the GPU synchronised first. generate() already waits for each step's token to decide whether to stop,
+    so the synchronisation adds no stall of its own."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def timed_generate(model, prompt, new_tokens: int, pad_token_id, cache: str) -> tuple[float, float]:
+    """``(prefill s, decode s per token)`` of one greedy generate() of ``new_tokens + 1`` tokens: the prefill runs
+    from the call to the first new token, decode over the ``new_tokens`` after it, both timed inside the same call, so
+    the prefill's variance does not leak into the per-token figure."""
+    clock = StepClock()
     torch.cuda.synchronize()
     start = time.perf_counter()
-    greedy(model, prompt, new_tokens, pad_token_id, cache)
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
+    greedy(model, prompt, new_tokens + 1, pad_token_id, cache, streamer=clock)
+    if len(clock.times) != new_tokens + 2:
+        raise RuntimeError(
+            f"generate() streamed {len(clock.times)} times, expected the prompt and {new_tokens + 1} tokens"
+        )
+    first_token, last_token = clock.times[1], clock.times[-1]
+    return first_token - start, (last_token - first_token) / new_tokens
 
 
 def generate_row(model, prompt, pad_token_id, name: str, cache: str, args) -> dict:
-    lengths = {"prefill": 1, "decode": 1 + args.new_tokens}
     # Compiled decode: a fresh dynamo state per method, so switching methods never runs into the recompile limit.
     torch._dynamo.reset()
     with attention_method(model, name):
         implementation = model.config._attn_implementation
-        for new_tokens in lengths.values():  # warm-up: Triton JIT, compilation, allocator
-            timed_generate(model, prompt, new_tokens, pad_token_id, cache)
+        timed_generate(model, prompt, args.new_tokens, pad_token_id, cache)  # warm-up: Triton JIT, compilation
         torch.cuda.reset_peak_memory_stats()
-        runs = {key: [timed_generate(model, prompt, n, pad_token_id, cache) for _ in range(args.e2e_runs)]
-                for key, n in lengths.items()}  # fmt: skip
+        runs = [timed_generate(model, prompt, args.new_tokens, pad_token_id, cache) for _ in range(args.e2e_runs)]
         peak = torch.cuda.max_memory_allocated()
-    prefill_s, total_s = statistics.median(runs["prefill"]), statistics.median(runs["decode"])
-    decode_s = total_s - prefill_s
+    prefill_s = statistics.median(prefill for prefill, _ in runs)
+    decode_s = statistics.median(per_token for _, per_token in runs)
     return {
         "attn_implementation": implementation, "prefill_ms": prefill_s * 1e3,
-        "decode_ms_per_token": decode_s / args.new_tokens * 1e3, "decode_tokens_per_s": args.new_tokens / decode_s,
-        "peak_gib": peak / 2**30, "runs_s": runs,
+        "decode_ms_per_token": decode_s * 1e3, "decode_tokens_per_s": 1 / decode_s,
+        "peak_gib": peak / 2**30, "runs_s": [{"prefill": prefill, "decode_per_token": per_token} for prefill, per_token in runs],
     }  # fmt: skip
 
 
@@ -750,8 +772,9 @@ def render_markdown(report: dict) -> str:
     if report["e2e"]:
         lines += ["", "## End-to-end greedy `generate()`", ""]
         lines.append(
-            "prefill ms = median time of `generate(max_new_tokens=1)`; decode = (t(N + 1 new tokens) - t(1)) / N with "
-            "N new tokens, medians of the runs after one warm-up; speed-ups are sdpa / method with the same cache; "
+            "Each run is one `generate()` of N + 1 new tokens, timed at every token (GPU synchronised): prefill ms = "
+            "from the call to the first new token, decode = the N tokens after it, per token; medians of the runs "
+            "after one warm-up; speed-ups are sdpa / method with the same cache; "
             "peak GiB = peak allocated during the timed runs, weights and KV cache included. Cache `static`: a "
             "StaticCache, whose decode step transformers compiles (`torch.compile`, mode `reduce-overhead`: CUDA "
             "graphs); the warm-up includes the compilation."
