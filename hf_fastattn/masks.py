@@ -56,7 +56,8 @@ def fastattn_mask(
         filled = int(q_offset) + q_length  # a 0-d tensor offset (StaticCache): one host sync, once per forward
         if filled < kv_length:
             if attention_mask is None:
-                return torch.ones(batch_size, filled, dtype=torch.bool, device=kwargs.get("device"))
+                device = q_offset.device if isinstance(q_offset, torch.Tensor) else kwargs.get("device")
+                return torch.ones(batch_size, filled, dtype=torch.bool, device=device)
             return _key_padding(attention_mask, filled, 0)
     kwargs["allow_is_causal_skip"] = False
     kwargs.pop("allow_is_bidirectional_skip", None)  # defaults to False: always materialise
