@@ -50,14 +50,15 @@ def fastattn_mask(
             return None
         return _key_padding(attention_mask, kv_length, kv_offset)
     if mask_function is causal_mask_function and q_length == 1:
-        return _keys_up_to(q_offset, batch_size, kv_length, kv_offset, attention_mask, kwargs.get("device"))
+        return _keys_up_to(
+            q_offset, batch_size, kv_length, kv_offset, attention_mask, _mask_device(q_offset, attention_mask, kwargs)
+        )
     static_cache_prefill = mask_function is causal_mask_function and isinstance(kv_offset, int) and kv_offset == 0
     if static_cache_prefill and not torch.compiler.is_compiling():
         filled = int(q_offset) + q_length  # a 0-d tensor offset (StaticCache): one host sync, once per forward
         if filled < kv_length:
             if attention_mask is None:
-                device = q_offset.device if isinstance(q_offset, torch.Tensor) else kwargs.get("device")
-                return torch.ones(batch_size, filled, dtype=torch.bool, device=device)
+                return torch.ones(batch_size, filled, dtype=torch.bool, device=_mask_device(q_offset, None, kwargs))
             return _key_padding(attention_mask, filled, 0)
     kwargs["allow_is_causal_skip"] = False
     kwargs.pop("allow_is_bidirectional_skip", None)  # defaults to False: always materialise
@@ -82,13 +83,18 @@ def _key_padding(attention_mask: torch.Tensor, kv_length: int, kv_offset: int) -
     return mask[:, kv_offset : kv_offset + kv_length]
 
 
+def _mask_device(q_offset, attention_mask, kwargs) -> torch.device | None:
+    """Where a key mask goes: with the cache's tensor offset, else the padding mask, else the builder's ``device``."""
+    if isinstance(q_offset, torch.Tensor):
+        return q_offset.device
+    if attention_mask is not None:
+        return attention_mask.device
+    return kwargs.get("device")
+
+
 def _keys_up_to(q_offset, batch_size: int, kv_length: int, kv_offset: int, attention_mask, device) -> torch.Tensor:
     """``(B, kv_length)``: the keys at or before position ``q_offset`` (an int, or a 0-d tensor: compared on the
     device), and not padding."""
-    if isinstance(q_offset, torch.Tensor):
-        device = q_offset.device
-    elif attention_mask is not None:
-        device = attention_mask.device
     visible = torch.arange(kv_offset, kv_offset + kv_length, device=device) <= q_offset
     if attention_mask is None:
         return visible.expand(batch_size, kv_length)

@@ -10,11 +10,10 @@ import copy
 
 import pytest
 import torch
+from test_equivalence import AttentionSpy
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 import hf_fastattn
-import hf_fastattn.dispatch
-import hf_fastattn.ops.decode.attention
 from hf_fastattn._compat import cache_argument, output_cache
 
 pytestmark = pytest.mark.gpu
@@ -115,18 +114,7 @@ def test_static_cache_generate_matches_full_forward(models, method, monkeypatch)
     config). Our decode kernels run inside it, the eager prefill runs our kernels too, and every generated step's
     logits equal one uncached forward over the generated sequence (teacher forcing, so a near-tie token cannot make
     the comparison flaky)."""
-    decode_module = hf_fastattn.ops.decode.attention
-    calls = {"decode": 0, "fallback": 0}
-
-    def count(name, function):
-        def counted(*args, **kwargs):
-            calls[name] += 1
-            return function(*args, **kwargs)
-
-        return counted
-
-    monkeypatch.setattr(decode_module, "decode_fwd", count("decode", decode_module.decode_fwd))
-    monkeypatch.setattr(hf_fastattn.dispatch, "sdpa_fallback", count("fallback", hf_fastattn.dispatch.sdpa_fallback))
+    spy = AttentionSpy(monkeypatch)
     model = models["bf16_sdpa"]
     ids, mask = left_padded_batch(700, pads=(0, 9, 130))
     new_tokens = 12
@@ -140,7 +128,7 @@ def test_static_cache_generate_matches_full_forward(models, method, monkeypatch)
         sequences = generated.sequences
         full_mask = torch.cat([mask, torch.ones_like(sequences[:, ids.shape[1] :])], dim=1)
         full = model(sequences, attention_mask=full_mask).logits[:, ids.shape[1] - 1 : -1]
-    assert calls["decode"] > 0, "the decode kernels never ran"
-    assert calls["fallback"] == 0  # the prefill runs the kernels on the filled slots
+    assert spy.decode, "the decode kernels never ran"
+    assert spy.fallbacks == 0  # the prefill runs the kernels on the filled slots
     stepped = torch.stack(generated.logits, dim=1)
     torch.testing.assert_close(stepped.float(), full.float(), atol=3e-2, rtol=3e-2)
