@@ -433,7 +433,8 @@ def tune_shape(shape: Shape, args, copy_gbps: float, report: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# End-to-end generate(): decode tokens/s = N / (t(N + 1 new tokens) - t(1 new token)), medians of --e2e-runs.
+# End-to-end generate(): prefill up to the first new token and decode tokens/s over the N after it, timed inside one
+# generate() by a streamer (StepClock); medians of --e2e-runs.
 
 
 def attention_method(model, name: str):
