@@ -128,6 +128,13 @@ def make_fastattn_dense_without_tma(shape: Shape) -> Attention:
     return attend
 
 
+def make_fastattn_dense_key_padding(shape: Shape) -> Attention:
+    """Our kernel given an all-ones ``(B, N)`` key-padding mask: the cost of per-key masking that a padded batch pays
+    (a mask without padding never reaches the kernel from a model: the mask builder drops it)."""
+    key_padding = torch.ones(shape.batch, shape.seqlen, dtype=torch.bool, device=DEVICE)
+    return functools.partial(dense_attention, causal=shape.causal, key_padding=key_padding)
+
+
 def head_major_order() -> contextlib.AbstractContextManager:
     """While active, the dense kernels run their programs head by head (no L2 budget: one head per section), as
     before the causal schedule; the baseline that schedule is measured against."""
@@ -169,6 +176,7 @@ PROVIDERS: dict[str, Callable[[Shape], Attention]] = {
     OURS: make_fastattn_dense,
     f"{OURS}_head_order": make_fastattn_dense,  # run inside head_major_order (PROVIDER_SCOPES)
     f"{OURS}_no_tma": make_fastattn_dense_without_tma,
+    f"{OURS}_key_padding": make_fastattn_dense_key_padding,
     f"{OURS}_fast_exp_half": functools.partial(make_fastattn_dense, fast_exp="half"),
     f"{OURS}_fast_exp_all": functools.partial(make_fastattn_dense, fast_exp="all"),
     f"{OURS}_fp8": make_fastattn_dense_fp8,
@@ -180,7 +188,7 @@ PROVIDERS: dict[str, Callable[[Shape], Attention]] = {
 # Context a provider's calls run in, backward included (autograd runs it after the provider's call has returned).
 PROVIDER_SCOPES: dict[str, Callable[[], contextlib.AbstractContextManager]] = {f"{OURS}_head_order": head_major_order}
 # Our variants that change the backward too; the others are timed in fwd mode only.
-BACKWARD_VARIANTS = (f"{OURS}_head_order",)
+BACKWARD_VARIANTS = (f"{OURS}_head_order", f"{OURS}_key_padding")
 
 
 def provider_scope(name: str) -> contextlib.AbstractContextManager:

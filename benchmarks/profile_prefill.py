@@ -5,7 +5,10 @@ tokens at batch 1, bf16, for each attention implementation and each cache kind:
 
 * ``none``: ``model(ids, use_cache=False, logits_to_keep=1)``;
 * ``dynamic``: the same with a fresh ``DynamicCache`` (what ``generate()`` does by default);
-* ``static``: the same into a fresh ``StaticCache`` (``generate(cache_implementation="static")``'s prefill, eager).
+* ``static``: the same into a fresh ``StaticCache`` (``generate(cache_implementation="static")``'s prefill, eager);
+
+each without an attention mask (``--masks none``, as a perplexity evaluation runs) and with an all-ones one (``ones``,
+as ``generate()`` passes a tokenizer's mask).
 
 Per case: the wall time of a synchronised forward (median), the host time until the forward returns without
 synchronising (if it is close to the wall time, the GPU waits on the host), the sum of GPU kernel time from
@@ -44,6 +47,7 @@ SHAPES = {
                 "rope_theta": 500000.0},
 }  # fmt: skip
 CACHES = ("none", "dynamic", "static")
+MASKS = ("none", "ones")
 TOP_KERNELS = 6
 
 
@@ -56,8 +60,10 @@ def build_model(name: str, layers: int | None) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(copy.deepcopy(LlamaConfig(**shape)), dtype=torch.bfloat16).eval()
 
 
-def prefill_call(model, ids: torch.Tensor, cache: str):
-    """A function running one prefill with a fresh cache of the given kind (the cache is built outside the timing)."""
+def prefill_call(model, ids: torch.Tensor, cache: str, mask: str = "none"):
+    """A function building a fresh cache of the given kind and one running the prefill into it (the cache is built
+    outside the timing)."""
+    masking = {"attention_mask": torch.ones_like(ids)} if mask == "ones" else {}
 
     def make_cache():
         if cache == "dynamic":
@@ -68,7 +74,7 @@ def prefill_call(model, ids: torch.Tensor, cache: str):
 
     def run(past):
         kwargs = {"use_cache": False} if past is None else {**cache_argument(model, past), "use_cache": True}
-        return model(ids, logits_to_keep=1, **kwargs)
+        return model(ids, logits_to_keep=1, **masking, **kwargs)
 
     return make_cache, run
 
@@ -122,18 +128,18 @@ def kernel_profile(make_cache, run) -> dict:
     }
 
 
-def profile_case(model, ids, implementation: str, cache: str, repeats: int) -> dict:
+def profile_case(model, ids, implementation: str, cache: str, mask: str, repeats: int) -> dict:
     model.set_attn_implementation(implementation)
     if model.config._attn_implementation != implementation:
         raise RuntimeError(f"model runs {model.config._attn_implementation}, not {implementation}")
-    make_cache, run = prefill_call(model, ids, cache)
+    make_cache, run = prefill_call(model, ids, cache, mask)
     with torch.no_grad():
         for _ in range(3):  # warm-up: Triton JIT and autotuning, cuBLAS heuristics
             run(make_cache())
         wall_ms, host_ms = median_times(make_cache, run, repeats)
         syncs, sync_sites = count_syncs(make_cache, run)
         kernels = kernel_profile(make_cache, run)
-    row = {"implementation": implementation, "cache": cache, "wall_ms": wall_ms, "host_ms": host_ms,
+    row = {"implementation": implementation, "cache": cache, "mask": mask, "wall_ms": wall_ms, "host_ms": host_ms,
            "syncs": syncs, "sync_sites": sync_sites, **kernels}  # fmt: skip
     print(json.dumps({key: value for key, value in row.items() if key != "top"}), flush=True)
     return row
@@ -155,19 +161,19 @@ def markdown(report: dict) -> str:
             "kernels = GPU kernel time summed over one profiled forward; syncs = host syncs inside one forward."
         ),
         "",
-        "| implementation | cache | wall ms | host ms | kernels ms | launches | syncs | slowest kernel (count, ms) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| implementation | cache | mask | wall ms | host ms | kernels ms | launches | syncs | slowest kernel (count, ms) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         top = row["top"][0] if row["top"] else {"name": "-", "count": 0, "ms": 0.0}
         lines.append(
-            f"| {row['implementation']} | {row['cache']} | {row['wall_ms']:.2f} | {row['host_ms']:.2f} | "
+            f"| {row['implementation']} | {row['cache']} | {row['mask']} | {row['wall_ms']:.2f} | {row['host_ms']:.2f} | "
             f"{row['kernel_ms']:.2f} | {row['kernel_launches']} | {row['syncs']} | "
             f"`{top['name'][:48]}` ({top['count']}, {top['ms']:.2f}) |"
         )
     lines += ["", "## Slowest kernels per case", ""]
     for row in report["rows"]:
-        lines.append(f"- **{row['implementation']}, {row['cache']}**: " + "; ".join(
+        lines.append(f"- **{row['implementation']}, {row['cache']} cache, mask {row['mask']}**: " + "; ".join(
             f"`{kernel['name'][:60]}` x{kernel['count']} {kernel['ms']:.2f} ms" for kernel in row["top"]
         ))  # fmt: skip
         if row["sync_sites"]:
@@ -182,6 +188,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--implementations", nargs="+", default=["sdpa", "fastattn_dense"])
     parser.add_argument("--caches", nargs="+", choices=CACHES, default=list(CACHES))
+    parser.add_argument("--masks", nargs="+", choices=MASKS, default=list(MASKS))
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out-dir", type=pathlib.Path, required=True)
     args = parser.parse_args()
@@ -190,8 +197,8 @@ def main() -> None:
     model = build_model(args.model, args.layers)
     generator = torch.Generator(device="cuda").manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), device="cuda", generator=generator)
-    rows = [profile_case(model, ids, implementation, cache, args.repeats)
-            for cache in args.caches for implementation in args.implementations]  # fmt: skip
+    rows = [profile_case(model, ids, implementation, cache, mask, args.repeats)
+            for cache in args.caches for mask in args.masks for implementation in args.implementations]  # fmt: skip
     report = {"environment": environment(), "args": {**vars(args), "out_dir": str(args.out_dir)}, "rows": rows}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "prefill_profile.json").write_text(json.dumps(report, indent=1))

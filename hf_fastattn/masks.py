@@ -2,7 +2,8 @@
 
 transformers calls a method's mask builder (``AttentionMaskInterface``) once per forward. For the plain patterns our
 kernels handle natively (causal aligned bottom-right, or bidirectional, each with optional padding) the builder returns
-the ``(B, S_kv)`` key-padding mask, or ``None`` without padding, so nothing ``S_q x S_kv``-sized is materialised.
+the ``(B, S_kv)`` key-padding mask, or ``None`` when nothing is padded (an all-ones mask is dropped, one host sync per
+forward as in transformers' SDPA mask), so nothing ``S_q x S_kv``-sized is materialised.
 A single causal query (a decode step) needs no alignment: it sees every key up to its own position, so a static cache
 (keys run to ``max_cache_len``, past the query) also gets a ``(B, S_kv)`` mask, its unfilled slots hidden; with the
 cache's tensor offset that costs no host sync, so decode stays CUDA-graph friendly. Several causal queries against a
@@ -48,7 +49,7 @@ def fastattn_mask(
     if causal_bottom_right or mask_function is bidirectional_mask_function:
         if attention_mask is None:
             return None
-        return _key_padding(attention_mask, kv_length, kv_offset)
+        return _unless_all_visible(_key_padding(attention_mask, kv_length, kv_offset))
     if mask_function is causal_mask_function and q_length == 1:
         return _keys_up_to(
             q_offset, batch_size, kv_length, kv_offset, attention_mask, _mask_device(q_offset, attention_mask, kwargs)
@@ -81,6 +82,15 @@ def _key_padding(attention_mask: torch.Tensor, kv_length: int, kv_offset: int) -
     if missing > 0:  # a cache longer than the mask: positions past the mask are not attended
         mask = torch.nn.functional.pad(mask, (0, missing), value=False)
     return mask[:, kv_offset : kv_offset + kv_length]
+
+
+def _unless_all_visible(key_mask: torch.Tensor) -> torch.Tensor | None:
+    """``None`` for a key mask that hides nothing (a tokenizer's mask without padding), so the kernels take their path
+    without per-key masking. Deciding that costs one host sync per forward, as transformers' own SDPA mask does; under
+    torch.compile the mask is kept instead."""
+    if torch.compiler.is_compiling() or not bool(key_mask.all()):
+        return key_mask
+    return None
 
 
 def _mask_device(q_offset, attention_mask, kwargs) -> torch.device | None:

@@ -96,10 +96,39 @@ def test_bidirectional_cross_attention_padding():
     assert torch.equal(out, attention_mask.bool())
 
 
-def test_all_ones_padding_is_none_or_all_true():
-    """An all-ones mask may stay a key-padding mask (checking it would sync with the host), but never hides a key."""
-    out = fastattn_mask(2, 8, 8, mask_function=causal_mask_function, attention_mask=torch.ones(2, 8, dtype=torch.long))
-    assert out is None or (out.shape == (2, 8) and out.all())
+@pytest.mark.parametrize("mask_function", [causal_mask_function, bidirectional_mask_function], ids=["causal", "bidir"])
+def test_all_ones_padding_is_dropped(mask_function):
+    """A tokenizer's mask without padding: no key mask, so the kernels skip per-key masking (one host sync)."""
+    attention_mask = torch.ones(2, 8, dtype=torch.long)
+    assert fastattn_mask(2, 8, 8, mask_function=mask_function, attention_mask=attention_mask) is None
+
+
+def test_all_ones_over_the_keys_but_not_the_whole_mask_is_dropped():
+    """Only the keys this forward sees count: padding outside ``[kv_offset, kv_offset + kv_length)`` does not."""
+    attention_mask = torch.ones(2, 10, dtype=torch.bool)
+    attention_mask[0, 0] = False
+    out = fastattn_mask(2, 1, 8, q_offset=9, kv_offset=2, mask_function=causal_mask_function,
+                        attention_mask=attention_mask)  # fmt: skip
+    assert out is None
+
+
+def test_one_padded_key_keeps_the_mask():
+    attention_mask = torch.ones(2, 8, dtype=torch.bool)
+    attention_mask[1, 0] = False
+    out = fastattn_mask(2, 8, 8, mask_function=causal_mask_function, attention_mask=attention_mask)
+    assert torch.equal(out, attention_mask)
+
+
+def test_all_ones_padding_is_kept_when_compiled():
+    """Under torch.compile the mask stays: dropping it would branch on the mask's data."""
+
+    def build(mask):
+        return fastattn_mask(2, 8, 8, mask_function=causal_mask_function, attention_mask=mask)
+
+    torch._dynamo.reset()
+    attention_mask = torch.ones(2, 8, dtype=torch.bool)
+    out = torch.compile(build, fullgraph=True, backend="eager")(attention_mask)
+    assert torch.equal(out, attention_mask)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..dense.fwd import attn_fwd_finish, attn_fwd_key_range, attn_fwd_scores, attn_fwd_update
+from ..dense.fwd import attn_fwd_finish, attn_fwd_key_range, attn_fwd_scores, attn_fwd_update, key_padding_tile
 
 
 @triton.jit
@@ -64,10 +64,13 @@ def _bsfa_tile_range(
     RECORD_TILE_MAX: tl.constexpr,
 ):
     """Key tiles ``[lo, hi)``: exact scores for each, P V only for those kept (always-kept or max >= tau)."""
+    kpad_next = key_padding_tile(kpad_base, lo, offs_n, seq_k, HAS_KEY_PADDING)
     for start_n in tl.range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
+        kpad = kpad_next
+        kpad_next = key_padding_tile(kpad_base, start_n + BLOCK_N, offs_n, seq_k, HAS_KEY_PADDING)
         s = attn_fwd_scores(
-            q, k_base, kpad_base, start_n, offs_m, offs_n, offs_d, stride_kn, seq_k, causal_offset,
+            q, k_base, kpad, start_n, offs_m, offs_n, offs_d, stride_kn, seq_k, causal_offset,
             HEAD_DIM, BLOCK_D, MASK_CAUSAL, MASK_SEQ_END, HAS_KEY_PADDING,
         )  # fmt: skip
         # Rows past the end of the query sequence are zero padding: they must not vote on the tile.

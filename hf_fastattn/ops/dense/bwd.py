@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .fwd import attn_fwd_key_range, load_row_tile, row_tile_source, schedule_tile
+from .fwd import attn_fwd_key_range, key_padding_tile, load_row_tile, row_tile_source, schedule_tile
 
 
 @triton.jit
@@ -149,11 +149,11 @@ def _dense_bwd_dkdv_kernel(
 
 @triton.jit
 def attn_bwd_dq_tile(
-    dq, q, do, lse, delta, rows, k_src, v_src, kpad_base, start_n, offs_n, offs_d,
+    dq, q, do, lse, delta, rows, k_src, v_src, kpad, start_n, offs_n, offs_d,
     stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_CAUSAL: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
 ):  # fmt: skip
-    """Accumulate one key tile's contribution to dQ of a query tile."""
+    """Accumulate one key tile's contribution to dQ of a query tile (``kpad``: the tile's padding bytes)."""
     cols = start_n + offs_n
     k = load_row_tile(k_src, start_n, cols, offs_d, stride_kn, seq_k, HEAD_DIM, BLOCK_D, True)
     v = load_row_tile(v_src, start_n, cols, offs_d, stride_vn, seq_k, HEAD_DIM, BLOCK_D, True)
@@ -163,11 +163,29 @@ def attn_bwd_dq_tile(
     if MASK_CAUSAL:
         keep = keep & (cols[None, :] <= rows[:, None] + causal_offset)
     if HAS_KEY_PADDING:
-        keep = keep & (tl.load(kpad_base + cols, mask=cols < seq_k, other=0)[None, :] != 0)
+        keep = keep & (kpad[None, :] != 0)
     p = tl.where(keep, p, 0.0)
     dp = tl.dot(do, tl.trans(v))
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.jit
+def attn_bwd_dq_range(
+    dq, q, do, lse, delta, rows, k_src, v_src, kpad_base, lo, hi, offs_n, offs_d,
+    stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASK_CAUSAL: tl.constexpr,
+    HAS_KEY_PADDING: tl.constexpr,
+):  # fmt: skip
+    """Key tiles ``[lo, hi)`` of dQ, padding bytes loaded a tile ahead (see the forward's ``key_padding_tile``)."""
+    kpad_next = key_padding_tile(kpad_base, lo, offs_n, seq_k, HAS_KEY_PADDING)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        kpad = kpad_next
+        kpad_next = key_padding_tile(kpad_base, start_n + BLOCK_N, offs_n, seq_k, HAS_KEY_PADDING)
+        dq = attn_bwd_dq_tile(dq, q, do, lse, delta, rows, k_src, v_src, kpad, start_n, offs_n, offs_d,
+                              stride_kn, stride_vn, seq_k, causal_offset, qk_scale, HEAD_DIM, BLOCK_D, MASK_CAUSAL,
+                              HAS_KEY_PADDING)  # fmt: skip
     return dq
 
 
@@ -213,14 +231,12 @@ def _dense_bwd_dq_kernel(
     full_hi, hi = attn_fwd_key_range(start_m, seq_k, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in tl.range(0, full_hi, BLOCK_N):
-        dq = attn_bwd_dq_tile(dq, q, do, lse, delta, rows, k_src, v_src, kpad_base, start_n, offs_n, offs_d,
-                              stride_kn, stride_vn, seq_k, causal_offset, qk_scale, HEAD_DIM, BLOCK_D, False,
-                              HAS_KEY_PADDING)  # fmt: skip
-    for start_n in tl.range(full_hi, hi, BLOCK_N):
-        dq = attn_bwd_dq_tile(dq, q, do, lse, delta, rows, k_src, v_src, kpad_base, start_n, offs_n, offs_d,
-                              stride_kn, stride_vn, seq_k, causal_offset, qk_scale, HEAD_DIM, BLOCK_D, CAUSAL,
-                              HAS_KEY_PADDING)  # fmt: skip
+    dq = attn_bwd_dq_range(dq, q, do, lse, delta, rows, k_src, v_src, kpad_base, 0, full_hi, offs_n, offs_d,
+                           stride_kn, stride_vn, seq_k, causal_offset, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, False,
+                           HAS_KEY_PADDING)  # fmt: skip
+    dq = attn_bwd_dq_range(dq, q, do, lse, delta, rows, k_src, v_src, kpad_base, full_hi, hi, offs_n, offs_d,
+                           stride_kn, stride_vn, seq_k, causal_offset, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, CAUSAL,
+                           HAS_KEY_PADDING)  # fmt: skip
     dq = dq * scale
     tl.store(dQ + batch * stride_dqb + q_head * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :],
              dq.to(dQ.dtype.element_ty), mask=load_mask)  # fmt: skip

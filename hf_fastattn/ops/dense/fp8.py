@@ -31,7 +31,15 @@ import triton.language as tl
 
 from .._runtime import ensure_triton_allocator, interpreter_enabled, key_padding_bytes, next_power_of_2, tma_usable
 from .attention import check_attention_inputs, empty_hf_output, key_padding_arg, unit_last_stride
-from .fwd import LOG2E, attn_fwd_finish, attn_fwd_key_range, attn_fwd_scores, attn_fwd_update, row_tile_source
+from .fwd import (
+    LOG2E,
+    attn_fwd_finish,
+    attn_fwd_key_range,
+    attn_fwd_scores,
+    attn_fwd_update,
+    key_padding_tile,
+    row_tile_source,
+)
 from .naive import fp8_scale, hadamard_matrix
 
 logger = logging.getLogger("hf_fastattn")
@@ -149,22 +157,45 @@ def quantize_channels_transposed(x: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 @triton.jit
+def _k_block_scale(KScale, start_n, seq_k, BLOCK_N: tl.constexpr):
+    """The dequantisation scale of K block ``start_n // BLOCK_N`` (1 past the keys)."""
+    return tl.load(KScale + start_n // BLOCK_N, mask=start_n < seq_k, other=1.0)
+
+
+@triton.jit
+def _q_bias_tile(bias_row, start_n, offs_n, seq_k, HAS_Q_BIAS: tl.constexpr):
+    """The Q block's mean-row scores for key tile ``start_n`` (0 past the keys), or 0 without Q smoothing."""
+    if HAS_Q_BIAS:
+        cols = start_n + offs_n
+        return tl.load(bias_row + cols, mask=cols < seq_k, other=0.0)
+    else:
+        return 0.0
+
+
+@triton.jit
 def _fp8_tile_range(acc, m_i, l_i, q, k_src, v_src, kpad_base, KScale, bias_row, lo, hi, offs_m, offs_n, offs_d,
                     seq_k, causal_offset, q_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, MASK_CAUSAL: tl.constexpr, MASK_SEQ_END: tl.constexpr,
                     HAS_KEY_PADDING: tl.constexpr, HAS_Q_BIAS: tl.constexpr):  # fmt: skip
     """Key tiles ``[lo, hi)`` of the skeleton's loop, each with its own softmax scale (Q and K block scales folded).
-    With ``HAS_Q_BIAS`` the scores of the Q block's mean row (fp32, already in log2 softmax units) are added back."""
+    With ``HAS_Q_BIAS`` the scores of the Q block's mean row (fp32, already in log2 softmax units) are added back.
+    The per-tile loads that feed no dot (padding, K scale, bias) are issued a tile ahead, as in the bf16 loop
+    (:func:`~hf_fastattn.ops.dense.fwd.key_padding_tile`)."""
+    kpad_next = key_padding_tile(kpad_base, lo, offs_n, seq_k, HAS_KEY_PADDING)
+    k_scale_next = _k_block_scale(KScale, lo, seq_k, BLOCK_N)
+    bias_next = _q_bias_tile(bias_row, lo, offs_n, seq_k, HAS_Q_BIAS)
     for start_n in tl.range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
+        kpad, k_scale, bias = kpad_next, k_scale_next, bias_next
+        kpad_next = key_padding_tile(kpad_base, start_n + BLOCK_N, offs_n, seq_k, HAS_KEY_PADDING)
+        k_scale_next = _k_block_scale(KScale, start_n + BLOCK_N, seq_k, BLOCK_N)
+        bias_next = _q_bias_tile(bias_row, start_n + BLOCK_N, offs_n, seq_k, HAS_Q_BIAS)
         s = attn_fwd_scores(
-            q, k_src, kpad_base, start_n, offs_m, offs_n, offs_d, 0, seq_k, causal_offset,
+            q, k_src, kpad, start_n, offs_m, offs_n, offs_d, 0, seq_k, causal_offset,
             HEAD_DIM, BLOCK_D, MASK_CAUSAL, MASK_SEQ_END, HAS_KEY_PADDING,
         )  # fmt: skip
-        tile_scale = q_scale * tl.load(KScale + start_n // BLOCK_N)
+        tile_scale = q_scale * k_scale
         if HAS_Q_BIAS:
-            cols = start_n + offs_n
-            bias = tl.load(bias_row + cols, mask=cols < seq_k, other=0.0)
             s = s + (bias * (1.0 / tile_scale))[None, :]  # masked scores stay -inf; one division per tile
         acc, m_i, l_i = attn_fwd_update(
             acc, m_i, l_i, s, v_src, start_n, offs_n, offs_d, 0, seq_k, tile_scale,

@@ -109,10 +109,24 @@ def load_row_tile(source, start_n, cols, offs_d, stride_n, seq_k, HEAD_DIM: tl.c
 
 
 @triton.jit
+def key_padding_tile(kpad_base, start_n, offs_n, seq_k, HAS_KEY_PADDING: tl.constexpr):
+    """The key-padding bytes of key tile ``[start_n, start_n + BLOCK_N)`` (0 past the keys), or 0 without padding.
+
+    Tile loops load the *next* tile's bytes one iteration ahead and pass each iteration the bytes loaded in the one
+    before: Triton's pipeliner prefetches only the loads that feed a dot, so a load used in its own iteration waits a
+    full memory latency every tile (+46% kernel time with an all-ones mask, SmolLM2 shapes at 8k on the H100)."""
+    if HAS_KEY_PADDING:
+        cols = start_n + offs_n
+        return tl.load(kpad_base + cols, mask=cols < seq_k, other=0)
+    else:
+        return 0
+
+
+@triton.jit
 def attn_fwd_scores(
     q,
     k_base,
-    kpad_base,
+    kpad,
     start_n,
     offs_m,
     offs_n,
@@ -127,7 +141,7 @@ def attn_fwd_scores(
     HAS_KEY_PADDING: tl.constexpr,
 ):
     """Raw scores ``Q K^T`` of key tile ``[start_n, start_n + BLOCK_N)`` (fp32, unscaled), invisible keys at ``-inf``.
-    ``k_base`` is a tile source (:func:`row_tile_source`)."""
+    ``k_base`` is a tile source (:func:`row_tile_source`); ``kpad`` the tile's :func:`key_padding_tile`."""
     cols = start_n + offs_n
     k = tl.trans(load_row_tile(k_base, start_n, cols, offs_d, stride_kn, seq_k, HEAD_DIM, BLOCK_D, MASK_SEQ_END))
     s = tl.dot(q, k)
@@ -136,7 +150,6 @@ def attn_fwd_scores(
         if MASK_CAUSAL:
             keep = keep & (cols[None, :] <= offs_m[:, None] + causal_offset)
         if HAS_KEY_PADDING:
-            kpad = tl.load(kpad_base + cols, mask=cols < seq_k, other=0)
             keep = keep & (kpad[None, :] != 0)
         s = tl.where(keep, s, float("-inf"))
     return s
@@ -198,7 +211,7 @@ def attn_fwd_tile(
     q,
     k_base,
     v_base,
-    kpad_base,
+    kpad,
     start_n,
     offs_m,
     offs_n,
@@ -215,9 +228,10 @@ def attn_fwd_tile(
     HAS_KEY_PADDING: tl.constexpr,
     FAST_EXP: tl.constexpr = 0,
 ):
-    """Fold key tile ``[start_n, start_n + BLOCK_N)`` into the online-softmax state of one query tile."""
+    """Fold key tile ``[start_n, start_n + BLOCK_N)`` (its padding bytes ``kpad``, from :func:`key_padding_tile`) into
+    the online-softmax state of one query tile."""
     s = attn_fwd_scores(
-        q, k_base, kpad_base, start_n, offs_m, offs_n, offs_d, stride_kn, seq_k, causal_offset,
+        q, k_base, kpad, start_n, offs_m, offs_n, offs_d, stride_kn, seq_k, causal_offset,
         HEAD_DIM, BLOCK_D, MASK_CAUSAL, MASK_SEQ_END, HAS_KEY_PADDING,
     )  # fmt: skip
     return attn_fwd_update(
@@ -253,11 +267,14 @@ def attn_fwd_tile_range(
     HAS_KEY_PADDING: tl.constexpr,
     FAST_EXP: tl.constexpr = 0,
 ):
-    """Every key tile in ``[lo, hi)`` (multiples of ``BLOCK_N``), in order."""
+    """Every key tile in ``[lo, hi)`` (multiples of ``BLOCK_N``), in order; padding bytes loaded a tile ahead."""
+    kpad_next = key_padding_tile(kpad_base, lo, offs_n, seq_k, HAS_KEY_PADDING)
     for start_n in tl.range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
+        kpad = kpad_next
+        kpad_next = key_padding_tile(kpad_base, start_n + BLOCK_N, offs_n, seq_k, HAS_KEY_PADDING)
         acc, m_i, l_i = attn_fwd_tile(
-            acc, m_i, l_i, q, k_base, v_base, kpad_base, start_n, offs_m, offs_n, offs_d,
+            acc, m_i, l_i, q, k_base, v_base, kpad, start_n, offs_m, offs_n, offs_d,
             stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
             HEAD_DIM, BLOCK_D, MASK_CAUSAL, MASK_SEQ_END, HAS_KEY_PADDING, FAST_EXP,
         )  # fmt: skip

@@ -20,7 +20,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..dense.fwd import attn_fwd_finish, attn_fwd_key_range, attn_fwd_scores, attn_fwd_tile, attn_fwd_tile_ranges
+from ..dense.fwd import (
+    attn_fwd_finish,
+    attn_fwd_key_range,
+    attn_fwd_scores,
+    attn_fwd_tile,
+    attn_fwd_tile_ranges,
+    key_padding_tile,
+)
 
 
 @triton.jit
@@ -52,8 +59,9 @@ def _selected_tiles(
     """Fold the ``count`` key blocks listed at ``index_base`` into the softmax state."""
     for j in tl.range(0, count):
         start_n = tl.multiple_of(tl.load(index_base + j) * BLOCK, BLOCK)
+        kpad = key_padding_tile(kpad_base, start_n, offs_n, seq_k, HAS_KEY_PADDING)
         acc, m_i, l_i = attn_fwd_tile(
-            acc, m_i, l_i, q, k_base, v_base, kpad_base, start_n, offs_m, offs_n, offs_d,
+            acc, m_i, l_i, q, k_base, v_base, kpad, start_n, offs_m, offs_n, offs_d,
             stride_kn, stride_vn, seq_k, causal_offset, qk_scale,
             HEAD_DIM, BLOCK_D, MASK_CAUSAL, MASK_SEQ_END, HAS_KEY_PADDING,
         )  # fmt: skip
@@ -159,10 +167,13 @@ def _pooled_probability_range(
     HAS_KEY_PADDING: tl.constexpr,
 ):
     """For each key block in ``[lo, hi)``: the largest final attention probability of any valid row, stored."""
+    kpad_next = key_padding_tile(kpad_base, lo, offs_n, seq_k, HAS_KEY_PADDING)
     for start_n in tl.range(lo, hi, BLOCK):
         start_n = tl.multiple_of(start_n, BLOCK)
+        kpad = kpad_next
+        kpad_next = key_padding_tile(kpad_base, start_n + BLOCK, offs_n, seq_k, HAS_KEY_PADDING)
         s = attn_fwd_scores(
-            q, k_base, kpad_base, start_n, offs_m, offs_n, offs_d, stride_kn, seq_k, causal_offset,
+            q, k_base, kpad, start_n, offs_m, offs_n, offs_d, stride_kn, seq_k, causal_offset,
             HEAD_DIM, BLOCK_D, MASK_CAUSAL, MASK_SEQ_END, HAS_KEY_PADDING,
         )  # fmt: skip
         # lse2 is +inf on rows that see no key, so they contribute probability 0, like padding rows.
