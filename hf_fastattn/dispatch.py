@@ -74,7 +74,7 @@ def dispatch_attention(
         spec = state.spec
     causal = is_causal_call(module, kwargs)
     kwargs.pop("is_causal", None)
-    key, value = drop_unfilled_cache_slots(attention_mask, key, value)
+    attention_mask, key, value = drop_unfilled_cache_slots(attention_mask, key, value)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if spec is None:
         return sdpa_fallback(module, query, key, value, attention_mask, scale, dropout, causal, **kwargs)

@@ -7,9 +7,10 @@ forward as in transformers' SDPA mask), so nothing ``S_q x S_kv``-sized is mater
 A single causal query (a decode step) needs no alignment: it sees every key up to its own position, so a static cache
 (keys run to ``max_cache_len``, past the query) also gets a ``(B, S_kv)`` mask, its unfilled slots hidden; with the
 cache's tensor offset that costs no host sync, so decode stays CUDA-graph friendly. Several causal queries against a
-static cache (its prefill) get a key mask *shorter* than the keys: only the filled slots, up to the last query. The
-attention function then drops the unfilled tail (:func:`drop_unfilled_cache_slots`, views), which makes the alignment
-bottom-right again; reading the filled length costs one host sync per forward, so under torch.compile this case is
+static cache (its prefill) get a key mask *shorter* than the keys: only the filled slots, up to the last query (a
+1-D mask of that length when nothing is padded, so the kernels mask no key). The attention function then drops the
+unfilled tail (:func:`drop_unfilled_cache_slots`, views), which makes the alignment bottom-right again; reading the
+filled length costs one host sync per forward, so under torch.compile this case is
 materialised instead. Anything else (sliding windows, packed sequences, custom ``or``/``and`` mask functions) is
 materialised as SDPA's 4-D boolean mask, which the kernels decline and route to the fallback: never silently dropped.
 """
@@ -40,6 +41,10 @@ def fastattn_mask(
     **kwargs,
 ) -> torch.Tensor | None:
     """Mask builder with transformers' ``AttentionMaskInterface`` signature."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 1:
+        # This builder's own filled-slots mask (below), handed back: generate() builds a static cache's mask before
+        # the forward, and the forward builds it again from that. It means nothing is padded.
+        attention_mask = None
     # Offsets given as tensors (StaticCache) would need a host sync to compare; such caches hold unfilled slots past
     # the queries anyway, so they take the materialised mask.
     static_offsets = isinstance(q_offset, int) and isinstance(kv_offset, int)
@@ -58,9 +63,10 @@ def fastattn_mask(
     if static_cache_prefill and not torch.compiler.is_compiling():
         filled = int(q_offset) + q_length  # a 0-d tensor offset (StaticCache): one host sync, once per forward
         if filled < kv_length:
-            if attention_mask is None:
-                return torch.ones(batch_size, filled, dtype=torch.bool, device=_mask_device(q_offset, None, kwargs))
-            return _key_padding(attention_mask, filled, 0)
+            key_mask = None if attention_mask is None else _unless_all_visible(_key_padding(attention_mask, filled, 0))
+            if key_mask is None:  # nothing padded: only the number of filled slots, so the kernels mask no key
+                return torch.ones(filled, dtype=torch.bool, device=_mask_device(q_offset, attention_mask, kwargs))
+            return key_mask
     kwargs["allow_is_causal_skip"] = False
     kwargs.pop("allow_is_bidirectional_skip", None)  # defaults to False: always materialise
     return sdpa_mask(
@@ -125,10 +131,13 @@ def classify_mask(attention_mask, batch_size: int, kv_length: int) -> str:
 
 
 def drop_unfilled_cache_slots(attention_mask, key: torch.Tensor, value: torch.Tensor):
-    """Keys and values without the unfilled static-cache tail that :func:`fastattn_mask` leaves out of a key mask
-    shorter than the keys (views of the cache); unchanged otherwise."""
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+    """``(attention_mask, key, value)`` without the unfilled static-cache tail that :func:`fastattn_mask` marks for a
+    prefill: a ``(B, filled)`` key mask shorter than the keys stays the mask; a 1-D ``(filled,)`` mask (the filled
+    slots, nothing padded) becomes no mask. Keys and values become views of the cache's filled slots; anything else
+    passes unchanged."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() in (1, 2):
         filled = attention_mask.shape[-1]
         if filled < key.shape[2]:
-            return key[:, :, :filled], value[:, :, :filled]
-    return key, value
+            kept_mask = attention_mask if attention_mask.dim() == 2 else None
+            return kept_mask, key[:, :, :filled], value[:, :, :filled]
+    return attention_mask, key, value

@@ -163,26 +163,51 @@ def test_custom_and_mask_is_materialised():
     assert out[1, 0, 5, 4] and not out[1, 0, 5, 5]  # row 1: keys 5.. are right padding
 
 
-@pytest.mark.parametrize("with_padding", [False, True], ids=["nopad", "pad"])
+@pytest.mark.parametrize("padding", ["none", "all_ones", "right"])
 @pytest.mark.parametrize("tensor_offset", [False, True], ids=["int", "tensor"])
-def test_prefill_against_static_cache_is_a_shorter_key_mask(with_padding, tensor_offset):
+def test_prefill_against_static_cache_is_a_shorter_key_mask(padding, tensor_offset):
     """Several queries against a static cache (keys run to max_cache_len, past the queries' end): a key mask covering
-    only the filled slots, up to the last query. Without the unfilled tail the alignment is bottom-right again: query i
-    at absolute position q_offset + i sees exactly the keys the explicit causal mask allows."""
-    attention_mask = padding_mask(length=10, right=2) if with_padding else None
+    only the filled slots, up to the last query; a 1-D mask of that length when nothing is padded. Without the unfilled
+    tail the alignment is bottom-right again: query i at absolute position q_offset + i sees exactly the keys the
+    explicit causal mask allows."""
+    attention_mask = {"none": None, "all_ones": torch.ones(2, 10), "right": padding_mask(length=10, right=2)}[padding]
     offset = torch.tensor(3) if tensor_offset else 3
     out = fastattn_mask(
         2, 2, 10, q_offset=offset, kv_offset=0, mask_function=causal_mask_function, attention_mask=attention_mask,
         allow_is_causal_skip=True, allow_is_bidirectional_skip=True,
     )  # fmt: skip
-    assert out is not None and out.dtype == torch.bool and out.shape == (2, 5)
-    batch_mask = attention_mask if with_padding else torch.ones(2, 10)
-    assert torch.equal(out, batch_mask.bool()[:, :5])
     key = value = torch.randn(2, 1, 10, 4)
-    kept_key, kept_value = drop_unfilled_cache_slots(out, key, value)
+    kept_mask, kept_key, kept_value = drop_unfilled_cache_slots(out, key, value)
     assert kept_key.shape[2] == kept_value.shape[2] == 5 and kept_key.data_ptr() == key.data_ptr()  # views
+    if padding == "right":
+        assert out.dtype == torch.bool and out.shape == (2, 5)
+        assert torch.equal(out, attention_mask.bool()[:, :5]) and kept_mask is out
+    else:  # nothing padded among the filled slots: their number only, and no mask for the kernels
+        assert out.dtype == torch.bool and out.shape == (5,) and out.all()
+        assert kept_mask is None
+    batch_mask = torch.ones(2, 10) if attention_mask is None else attention_mask
     bottom_right = explicit_causal(batch_mask, 2, 5, q_offset=3)
     assert torch.equal(bottom_right, explicit_causal(batch_mask, 2, 10, q_offset=3)[..., :5])
+
+
+@pytest.mark.parametrize("padding", ["none", "right"])
+def test_static_cache_prefill_mask_built_again_from_itself(padding):
+    """generate() builds a static cache's mask before the forward, and the forward builds it again from that one: the
+    second build gives the first's mask back."""
+    attention_mask = None if padding == "none" else padding_mask(length=10, right=2)
+
+    def build(mask):
+        return fastattn_mask(2, 2, 10, q_offset=3, mask_function=causal_mask_function, attention_mask=mask)
+
+    first = build(attention_mask)
+    assert torch.equal(build(first), first)
+
+
+def test_drop_unfilled_cache_slots_passes_other_masks_through():
+    key = value = torch.randn(2, 1, 10, 4)
+    for mask in (None, torch.ones(2, 10, dtype=torch.bool), torch.ones(2, 1, 3, 10, dtype=torch.bool)):
+        kept_mask, kept_key, kept_value = drop_unfilled_cache_slots(mask, key, value)
+        assert kept_mask is mask and kept_key is key and kept_value is value
 
 
 def test_prefill_against_static_cache_is_materialised_when_compiled():

@@ -498,11 +498,11 @@ def test_greedy_generate_matches_eager(arch_name, spy):
         assert all(has_padding and causal for _, _, has_padding, causal in spy.kernel_fwd)
 
 
-def assert_generates_like_eager(arch: Arch, eager, fast, spy, **fast_cache) -> None:
-    """4 greedy tokens from a left-padded 40-token prompt (decode over several key tiles): ``fast`` with
+def assert_generates_like_eager(arch: Arch, eager, fast, spy, padding: str | None = "left", **fast_cache) -> None:
+    """4 greedy tokens from a 40-token prompt, left-padded by default (decode over several key tiles): ``fast`` with
     ``fast_cache`` (the cache arguments of ``generate``) gives eager's tokens and logits. The spy counts only
     ``fast``'s calls."""
-    inputs = make_inputs(arch, "left", seq=40, seed=5)
+    inputs = make_inputs(arch, padding, seq=40, seed=5)
     kwargs = {
         **inputs, "max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "pad_token_id": PAD_ID,
         "return_dict_in_generate": True, "output_logits": True,
@@ -553,6 +553,28 @@ def test_greedy_generate_with_static_cache(method, spy):
         assert len(decode_keys) == 1 and decode_keys.pop() >= 40 + 3, decode_keys
         assert len(prefill) == arch.num_layers and len(spy.decode) == arch.num_layers * 3
         assert all(has_padding for _, _, has_padding, _ in spy.kernel_fwd)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_greedy_generate_without_padding_masks_no_key(cache, spy):
+    """Unpadded prompts: generate() passes an all-ones mask, which the mask builder drops, so the prefill runs the
+    kernels without per-key masking (with a StaticCache, on the filled slots only); eager's tokens, no fallback."""
+    arch = ARCHS["llama"]
+    eager, fast = build_pair(arch)
+    hf_fastattn.patch(fast, "dense")
+    fast_cache = (
+        {"cache_implementation": "static"}
+        if cache == "static"
+        else cache_argument(fast, DynamicCache(config=fast.config))
+    )
+    assert_generates_like_eager(arch, eager, fast, spy, padding=None, **fast_cache)
+    assert spy.fallbacks == 0
+    if interpreter_enabled():
+        prefill = [call for call in spy.kernel_fwd if call[0][2] > 1]
+        assert len(prefill) == arch.num_layers
+        assert {(q_shape[2], k_shape[2], has_padding) for q_shape, k_shape, has_padding, _ in prefill} == {
+            (40, 40, False)
+        }
 
 
 def test_static_cache_decode_compiles_fullgraph(spy):
