@@ -131,8 +131,9 @@ def make_fastattn_dense_without_tma(shape: Shape) -> Attention:
 def make_fastattn_dense_key_padding(shape: Shape) -> Attention:
     """Our kernel given an all-ones ``(B, N)`` key-padding mask: the cost of per-key masking that a padded batch pays
     (a mask without padding never reaches the kernel from a model: the mask builder drops it)."""
-    key_padding = torch.ones(shape.batch, shape.seqlen, dtype=torch.bool, device=DEVICE)
-    return functools.partial(dense_attention, causal=shape.causal, key_padding=key_padding)
+    return make_fastattn_dense(
+        shape, key_padding=torch.ones(shape.batch, shape.seqlen, dtype=torch.bool, device=DEVICE)
+    )
 
 
 def head_major_order() -> contextlib.AbstractContextManager:

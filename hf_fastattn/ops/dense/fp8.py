@@ -174,8 +174,8 @@ def _fp8_tile_range(acc, m_i, l_i, q, k_src, v_src, kpad_base, KScale, bias_row,
     """Key tiles ``[lo, hi)`` of the skeleton's loop, each with its own softmax scale (Q and K block scales folded).
     With ``HAS_Q_BIAS`` the scores of the Q block's mean row (fp32, already in log2 softmax units) are added back.
     The per-tile vectors that feed no dot (padding, bias) are loaded a tile ahead, as in the bf16 loop
-    (:func:`~hf_fastattn.ops.dense.fwd.key_padding_tile`): 6-9% faster with the bias on the H100. The K scale stays a
-    load in its own iteration: loaded ahead too, the default FP8 kernel was 3-5% slower."""
+    (:func:`~hf_fastattn.ops.dense.fwd.key_padding_tile`): 5-8% faster with the bias on the H100. The K scale stays a
+    load in its own iteration: loaded ahead too, the default FP8 kernel was 4-5% slower."""
     kpad_next = key_padding_tile(kpad_base, lo, offs_n, seq_k, HAS_KEY_PADDING)
     bias_next = _q_bias_tile(bias_row, lo, offs_n, seq_k, HAS_Q_BIAS)
     for start_n in tl.range(lo, hi, BLOCK_N):
